@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules built on perfml.ops, state_dict-compatible with the modules they replace."""
+
+from perfml.nn.rms_norm import RMSNorm
+
+__all__ = ["RMSNorm"]
