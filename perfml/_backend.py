@@ -78,7 +78,39 @@ def _triton_import_error() -> str | None:
         import triton.language  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising something else
         return f"{type(exc).__name__}: {exc}"
+    if interpret_mode():
+        _round_bf16_to_nearest_even_in_interpreter()
     return None
+
+
+def _round_bf16_to_nearest_even_in_interpreter() -> None:
+    """Make the Triton interpreter round fp32 -> bf16 to nearest even, as the GPU does.
+
+    Triton 3.6's interpreter truncates on `.to(tl.bfloat16)` (and its "rtne" mode rounds half
+    up, ignoring ties and mantissa carries), so bf16 kernels on CPU would be up to one ulp off
+    what the same kernel gives on a GPU, and the tolerance tests would measure the interpreter
+    rather than the kernel. Other conversions keep the interpreter's own code.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    if getattr(original, "_perfml_rtne", False):
+        return
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        rtz = rounding_mode is not None and "RTZ" in str(rounding_mode)
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and not rtz:
+            bits = np.ascontiguousarray(input).view(np.uint32)
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            quiet_nan = (bits >> 16) | 0x0040  # keep NaN a NaN even if its payload is low
+            out = np.where(np.isnan(input.view(np.float32)), quiet_nan, rounded)
+            return out.astype(np.uint16).reshape(input.shape)
+        return original(input, input_dtype, output_dtype, rounding_mode)
+
+    convert._perfml_rtne = True
+    interpreter._convert_float = convert
 
 
 def has_triton() -> bool:
