@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The one script a lent GPU machine runs: build the extension, run the test suite on the GPU
+# (gpu-marked tests included), run the benchmarks, and leave results and logs in $OUT.
+# It installs nothing: it uses the machine's python3 and its torch/triton, with the checkout on
+# PYTHONPATH. Every stage has its own time limit so the whole run stays under 8 minutes, and a
+# failing stage does not stop the ones after it; the exit status is the first failure's.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+status=0
+start=$(date +%s)
+
+stage() {  # stage NAME SECONDS CMD... : run, log to $OUT/NAME.log, record the first failure
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] exit $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
+  [ $rc -eq 0 ] || [ $status -ne 0 ] || status=$rc
+  return 0
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stage build 240 $PY setup.py build_ext --inplace
+$PY -c "import perfml._backend as b; print('perfml._C:', b.extension_error() or 'loaded')" | tee -a "$OUT/summary.txt"
+stage tests 180 $PY -m pytest tests -q -x --durations=15 -p no:cacheprovider
+stage bench 150 $PY -m perfml bench --device cuda --out "$OUT/bench.jsonl"
+stage pytest_benchmarks 120 $PY -m pytest benchmarks -q -p no:cacheprovider \
+  --benchmark-json="$OUT/pytest_benchmarks.json"
+
+echo "total $(( $(date +%s) - start )) s, status $status" | tee -a "$OUT/summary.txt"
+tail -n 5 "$OUT/tests.log"
+tail -n 40 "$OUT/bench.log"
+exit $status
