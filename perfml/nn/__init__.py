@@ -1,5 +1,6 @@
 """Drop-in nn.Modules built on perfml.ops, state_dict-compatible with the modules they replace."""
 
 from perfml.nn.rms_norm import RMSNorm
+from perfml.nn.swiglu import SwiGLUMLP
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "SwiGLUMLP"]
