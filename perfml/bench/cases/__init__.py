@@ -1,0 +1,3 @@
+"""Built-in benchmark cases, one file per op; importing this package registers them all."""
+
+from perfml.bench.cases import rms_norm  # noqa: F401

@@ -1,0 +1,86 @@
+"""The `perfml` command: bench, demo, errors and exit codes, driven through main(argv)."""
+
+import json
+
+import pytest
+import torch
+
+from perfml import bench, cli
+from perfml.bench import registry
+from tests.bench.helpers import TINY, tiny_case
+
+
+@pytest.fixture
+def only_tiny(monkeypatch):
+    """A registry holding just the tiny test case (commands that run every case stay fast)."""
+    monkeypatch.setattr(registry, "_CASES", {})
+    monkeypatch.setattr(registry, "_builtins_loaded", True)
+    bench.register(tiny_case("eager", "perfml"))
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "bench" in out and "demo" in out
+
+
+def test_bench_quick_writes_jsonl_and_prints_the_table(only_tiny, tmp_path, capsys):
+    out = tmp_path / "f.jsonl"
+    code = cli.main(["bench", TINY, "--quick", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["impl"], r["mode"]) for r in rows} == {
+        ("eager", "fwd"), ("perfml", "fwd"), ("eager", "fwd+bwd"), ("perfml", "fwd+bwd"),
+    }  # fmt: skip
+    assert all(r["ms"] > 0 and r["mismatch"] is False for r in rows)
+    captured = capsys.readouterr()
+    assert f"{TINY}  4x16  float32  fwd" in captured.out
+    assert "[4/4]" in captured.err and "appended 4 rows" in captured.err
+
+
+def test_bench_options_reach_the_run(only_tiny, capsys):
+    argv = ["bench", "--device", "cpu", "--quick", "--modes", "fwd", "--impls", "eager",
+            "--shapes", "2x8,3x8"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{TINY}  2x8  float32  fwd" in out and f"{TINY}  3x8  float32  fwd" in out
+    assert "fwd+bwd" not in out and "  perfml " not in out
+
+
+def test_unknown_case_exits_2_listing_known_cases(capsys):
+    assert cli.main(["bench", "no_such_case", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark case 'no_such_case'" in err and "rms_norm" in err
+
+
+def test_unknown_impl_exits_2(only_tiny, capsys):
+    assert cli.main(["bench", "--device", "cpu", "--impls", "nope"]) == 2
+    assert "unknown impl 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is available" in err
+
+
+def test_bad_shapes_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--shapes", "4096xabc"])
+    assert exit_info.value.code == 2
+    assert "shapes look like" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    assert cli.main(["bench", "--list", "--device", "cpu"]) == 0
+    assert "rms_norm" in capsys.readouterr().out
+
+
+def test_demo_says_what_it_does_then_prints_the_table(only_tiny, capsys):
+    assert cli.main(["demo", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("perfml demo: ")
+    assert f"{TINY}  4x16  float32  fwd+bwd" in out
