@@ -1,6 +1,7 @@
 """Drop-in nn.Modules built on perfml.ops, state_dict-compatible with the modules they replace."""
 
+from perfml.nn.layer_norm import LayerNorm
 from perfml.nn.rms_norm import RMSNorm
 from perfml.nn.swiglu import SwiGLUMLP
 
-__all__ = ["RMSNorm", "SwiGLUMLP"]
+__all__ = ["LayerNorm", "RMSNorm", "SwiGLUMLP"]

@@ -1,9 +1,15 @@
 """Functional fused kernels, one op per file: `<op>_ref`, Triton kernels, launcher, custom op."""
 
+from perfml.ops.add_rms_norm import add_rms_norm, add_rms_norm_ref
+from perfml.ops.layer_norm import layer_norm, layer_norm_ref
 from perfml.ops.rms_norm import rms_norm, rms_norm_ref
 from perfml.ops.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
 
 __all__ = [
+    "add_rms_norm",
+    "add_rms_norm_ref",
+    "layer_norm",
+    "layer_norm_ref",
     "rms_norm",
     "rms_norm_ref",
     "geglu",
