@@ -2,6 +2,7 @@
 
 from perfml.nn.layer_norm import LayerNorm
 from perfml.nn.rms_norm import RMSNorm
+from perfml.nn.rope import RotaryEmbedding
 from perfml.nn.swiglu import SwiGLUMLP
 
-__all__ = ["LayerNorm", "RMSNorm", "SwiGLUMLP"]
+__all__ = ["LayerNorm", "RMSNorm", "RotaryEmbedding", "SwiGLUMLP"]

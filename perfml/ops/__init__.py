@@ -3,6 +3,7 @@
 from perfml.ops.add_rms_norm import add_rms_norm, add_rms_norm_ref
 from perfml.ops.layer_norm import layer_norm, layer_norm_ref
 from perfml.ops.rms_norm import rms_norm, rms_norm_ref
+from perfml.ops.rope import rope, rope_ref
 from perfml.ops.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "layer_norm_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rope",
+    "rope_ref",
     "geglu",
     "geglu_ref",
     "swiglu",

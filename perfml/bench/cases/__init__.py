@@ -1,3 +1,6 @@
 """Built-in benchmark cases, one file per op; importing this package registers them all."""
 
-from perfml.bench.cases import rms_norm  # noqa: F401
+from perfml.bench.cases import (
+    rms_norm,  # noqa: F401
+    rope,  # noqa: F401
+)
