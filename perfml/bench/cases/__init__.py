@@ -1,6 +1,8 @@
 """Built-in benchmark cases, one file per op; importing this package registers them all."""
 
 from perfml.bench.cases import (
+    add_rms_norm,  # noqa: F401
+    layer_norm,  # noqa: F401
     rms_norm,  # noqa: F401
     rope,  # noqa: F401
 )
