@@ -1,18 +1,18 @@
-"""Rotary position embedding with Hugging Face semantics (`apply_rotary_pos_emb`), q and k in one pass.
+"""Rotary position embedding, HF `apply_rotary_pos_emb` semantics, q and k in one pass.
 
     q_embed = q * cos + rotate_half(q) * sin,   rotate_half([x1, x2]) = [-x2, x1]
 
-over the first `rotary_dim = cos.shape[-1]` features of each head; the remaining head_dim - rotary_dim
-features pass through unchanged (partial rotary, as in GPT-NeoX / Phi). Layouts follow HF:
-unsqueeze_dim=1 takes q, k as [B, H, T, D], unsqueeze_dim=2 as [B, T, H, D]; k may have fewer heads
-(GQA); cos/sin are [B or 1, T, rotary_dim].
+over the first `rotary_dim = cos.shape[-1]` features of each head; the remaining
+head_dim - rotary_dim features pass through unchanged (partial rotary, as in GPT-NeoX / Phi).
+Layouts follow HF: unsqueeze_dim=1 takes q, k as [B, H, T, D], unsqueeze_dim=2 as [B, T, H, D];
+k may have fewer heads (GQA); cos/sin are [B or 1, T, rotary_dim].
 
-position_ids (deprecated in HF, accepted here with one precise meaning): when given, cos and sin are
-tables of P rows, [P, rotary_dim] or [1, P, rotary_dim], and token (b, t) uses row position_ids[b, t]
-(position_ids is [B or 1, T], int32/int64, values in [0, P)). That is the old HF behaviour
-(`cos[position_ids]`). Modern HF passes cos/sin already gathered per token and no position_ids;
-do the same here. Out-of-range positions raise an IndexError on CPU and trip an asynchronous device
-assert on CUDA (no host sync).
+position_ids (deprecated in HF, accepted here with one precise meaning): when given, cos and sin
+are tables of P rows, [P, rotary_dim] or [1, P, rotary_dim], and token (b, t) uses row
+position_ids[b, t] (position_ids is [B or 1, T], int32/int64, values in [0, P)). That is the old
+HF behaviour (`cos[position_ids]`). Modern HF passes cos/sin already gathered per token and no
+position_ids; do the same here. Out-of-range positions raise an IndexError on CPU and trip an
+asynchronous device assert on CUDA (no host sync).
 
 Kernel: one program takes a block of tokens (one token at LLM sizes) and rotates every head of q AND
 k for them, so cos/sin are read once per token and the traffic is the minimum: q and k read once and
@@ -472,7 +472,8 @@ def _check_tables(
             )
     if cos.shape != sin.shape:
         raise ValueError(
-            f"rope: cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}"
+            "rope: cos and sin must have the same shape, "
+            f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
     d = q.shape[-1]
     r = cos.shape[-1] if cos.dim() else 0
