@@ -4,6 +4,7 @@ from perfml.ops.add_rms_norm import add_rms_norm, add_rms_norm_ref
 from perfml.ops.layer_norm import layer_norm, layer_norm_ref
 from perfml.ops.rms_norm import rms_norm, rms_norm_ref
 from perfml.ops.rope import rope, rope_ref
+from perfml.ops.softmax import softmax, softmax_ref
 from perfml.ops.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
 
 __all__ = [
@@ -19,4 +20,6 @@ __all__ = [
     "geglu_ref",
     "swiglu",
     "swiglu_ref",
+    "softmax",
+    "softmax_ref",
 ]

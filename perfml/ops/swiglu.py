@@ -81,10 +81,10 @@ if _backend.has_triton():
     import triton
     import triton.language as tl
 
-    _SQRT_HALF = 0.7071067811865476
-    _INV_SQRT_2PI = 0.3989422804014327
-    _SQRT_2_OVER_PI = 0.7978845608028654
-    _GELU_CUBIC = 0.044715
+    _SQRT_HALF = tl.constexpr(0.7071067811865476)
+    _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+    _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+    _GELU_CUBIC = tl.constexpr(0.044715)
 
     @triton.jit
     def _act_and_grad(g, ACTIVATION: tl.constexpr):
