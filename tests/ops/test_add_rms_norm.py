@@ -314,6 +314,24 @@ def test_compile_fullgraph_has_no_graph_break():
         torch.testing.assert_close(g, t.grad)
 
 
+@pytest.mark.slow
+def test_compile_inductor_forward_and_backward():
+    torch._dynamo.reset()
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    r = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    w = torch.randn(64, device=DEVICE, requires_grad=True)
+
+    def f(x, r, w):
+        return add_rms_norm(x + 1, r, w)
+
+    y, s = torch.compile(f, fullgraph=True)(x, r, w)
+    want_y, want_s = f(x, r, w)
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(s, want_s)
+    (y.sum() + s.sum()).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, r, w))
+
+
 # --- GPU-only: real sizes and int64 offsets --------------------------------------------------
 
 

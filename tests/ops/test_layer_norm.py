@@ -299,6 +299,22 @@ def test_compile_fullgraph_has_no_graph_break():
         torch.testing.assert_close(g, t.grad)
 
 
+@pytest.mark.slow
+def test_compile_inductor_forward_and_backward():
+    torch._dynamo.reset()
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    w = torch.randn(64, device=DEVICE, requires_grad=True)
+    b = torch.randn(64, device=DEVICE, requires_grad=True)
+
+    def f(x, w, b):
+        return layer_norm(x + 1, w, b)
+
+    y = torch.compile(f, fullgraph=True)(x, w, b)
+    torch.testing.assert_close(y, f(x, w, b))
+    y.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, w, b))
+
+
 # --- GPU-only: real sizes and int64 offsets --------------------------------------------------
 
 
