@@ -22,16 +22,14 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
-from perfml.ops.layer_norm import _bwd_num_warps, _bwd_programs
+from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
 from perfml.ops.rms_norm import (
     CASTS,
     MAX_HIDDEN,
     _compute_dtype,
-    _num_warps,
     _out_dtype,
     _rms_norm_bwd_ref,
     _rms_norm_fwd_ref,
-    _rows,
     rms_norm_ref,
 )
 
@@ -228,7 +226,7 @@ def _add_rms_norm_fwd_triton(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[-1]
-    x2, r2 = _rows(x), _rows(residual)
+    x2, r2 = rows(x), rows(residual)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=_out_dtype(x, weight, _LLAMA), device=x.device)
     s = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -242,7 +240,7 @@ def _add_rms_norm_fwd_triton(
             x2, r2, y, s, weight, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), m, n, eps,
             BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile,
-            num_warps=_num_warps(block_m * block_n),
+            num_warps=num_warps(block_m * block_n),
         )  # fmt: skip
     return y.view(x.shape), s.view(x.shape), rstd.view(x.shape[:-1])
 
@@ -251,7 +249,7 @@ def _add_rms_norm_bwd_triton(
     dy: Tensor, ds: Tensor, s: Tensor, weight: Tensor, rstd: Tensor, needs_dw: bool
 ) -> tuple[Tensor, Tensor]:
     n = s.shape[-1]
-    s2, dy2, ds2 = _rows(s), _rows(dy), _rows(ds)
+    s2, dy2, ds2 = rows(s), rows(dy), rows(ds)
     m = s2.shape[0]
     dx = torch.empty((m, n), dtype=s.dtype, device=s.device)
     if m == 0:
@@ -259,8 +257,8 @@ def _add_rms_norm_bwd_triton(
         return dx.view(s.shape), dw
     one_tile = triton.next_power_of_2(n) <= _BWD_ONE_TILE_MAX
     block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
-    num_warps = _bwd_num_warps(block)
-    rows_per_program = math.ceil(m / _bwd_programs(m, s.device, num_warps))
+    warps = bwd_num_warps(block)
+    rows_per_program = math.ceil(m / bwd_programs(m, s.device, warps))
     programs = math.ceil(m / rows_per_program)
     # The looped kernel accumulates into the partial rows in memory, so they start at zero.
     alloc = torch.empty if one_tile else torch.zeros
@@ -268,7 +266,7 @@ def _add_rms_norm_bwd_triton(
     _add_rms_norm_bwd_kernel[(programs,)](
         dy2, ds2, s2, weight, rstd.reshape(-1).contiguous(), dx, partial,
         dy2.stride(0), ds2.stride(0), s2.stride(0), dx.stride(0), m, n, rows_per_program,
-        COMPUTE_DW=needs_dw, BLOCK_N=block, ONE_TILE=one_tile, num_warps=num_warps,
+        COMPUTE_DW=needs_dw, BLOCK_N=block, ONE_TILE=one_tile, num_warps=warps,
     )  # fmt: skip
     dw = partial.sum(0).to(weight.dtype) if needs_dw else s.new_empty(0)
     return dx.view(s.shape), dw

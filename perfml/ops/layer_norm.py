@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
-from perfml.ops.rms_norm import MAX_HIDDEN, _compute_dtype, _num_warps, _rows
+from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
+from perfml.ops.rms_norm import MAX_HIDDEN, _compute_dtype
 
 _FWD_ONE_TILE_MAX = 16384  # widest row kept in registers in the forward
 _BWD_ONE_TILE_MAX = 8192  # the backward holds x, dy, w and two partial sums: a smaller tile
@@ -263,33 +264,12 @@ if _backend.has_triton():
 # --- 3. launchers ----------------------------------------------------------------------------
 
 
-def _bwd_num_warps(block: int) -> int:
-    """Warps for the row-looped backward kernels: 4 to 8 row elements per thread.
-
-    Triton prefetches the next row's loads while reducing this one, which doubles the live
-    registers: at 4096 columns 8 warps need 173 registers per thread (one program per SM),
-    32 warps 64 (ptxas, sm_90), so wide rows get many warps to keep loads in flight.
-    """
-    return max(4, min(32, block // 128))
-
-
-def _bwd_programs(m: int, device: torch.device, num_warps: int) -> int:
-    """Programs of the backward: one wave of 32 warps per SM.
-
-    More programs than fit on the GPU at once add no concurrency, only dweight/dbias partial
-    rows ([programs, N] fp32, written and read back once more by the final sum).
-    """
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(m, sms * max(1, 32 // num_warps))
-    return min(m, 8)  # interpret mode: few programs keep the partial buffers small
-
 
 def _layer_norm_fwd_triton(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[-1]
-    x2 = _rows(x)
+    x2 = rows(x)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -304,7 +284,7 @@ def _layer_norm_fwd_triton(
             mean, rstd, x2.stride(0), y.stride(0), m, n, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile,
-            num_warps=_num_warps(block_m * block_n),
+            num_warps=num_warps(block_m * block_n),
         )  # fmt: skip
     stats_shape = x.shape[:-1]
     return y.view(x.shape), mean.view(stats_shape), rstd.view(stats_shape)
@@ -321,7 +301,7 @@ def _layer_norm_bwd_triton(
     needs_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows(x), rows(dy)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     compute_dw = weight is not None and needs_dw
@@ -332,8 +312,8 @@ def _layer_norm_bwd_triton(
         return dx.view(x.shape), dw, db
     one_tile = triton.next_power_of_2(n) <= _BWD_ONE_TILE_MAX
     block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
-    num_warps = _bwd_num_warps(block)
-    rows_per_program = math.ceil(m / _bwd_programs(m, x.device, num_warps))
+    warps = bwd_num_warps(block)
+    rows_per_program = math.ceil(m / bwd_programs(m, x.device, warps))
     programs = math.ceil(m / rows_per_program)
     # The looped kernel accumulates into the partial rows in memory, so they start at zero; the
     # one-tile kernel overwrites them whole.
@@ -348,7 +328,7 @@ def _layer_norm_bwd_triton(
         mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(), dx, dw_partial, db_partial,
         dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
         HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        BLOCK_N=block, ONE_TILE=one_tile, num_warps=num_warps,
+        BLOCK_N=block, ONE_TILE=one_tile, num_warps=warps,
     )  # fmt: skip
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)
     db = db_partial.sum(0).to(bias.dtype) if compute_db else x.new_empty(0)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
 
 CASTS = {"llama": 0, "gemma": 1, "none": 2}
 MAX_HIDDEN = 1 << 20  # longest row supported; longer rows get a clear error
@@ -229,21 +230,11 @@ if _backend.has_triton():
 # --- 3. launchers ----------------------------------------------------------------------------
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
-
-
-def _rows(t: Tensor) -> Tensor:
-    """[..., N] -> [M, N] with a unit stride along N (a view when the strides allow it)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _rms_norm_fwd_triton(
     x: Tensor, weight: Tensor | None, eps: float, offset: float, cast: int
 ) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
-    x2 = _rows(x)
+    x2 = rows(x)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=_out_dtype(x, weight, cast), device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -254,23 +245,16 @@ def _rms_norm_fwd_triton(
             x2, y, weight if weight is not None else x2, rstd,
             x2.stride(0), y.stride(0), n, eps, offset,
             HAS_WEIGHT=weight is not None, CAST=cast, BLOCK_N=block, ONE_TILE=one_tile,
-            num_warps=_num_warps(block),
+            num_warps=num_warps(block),
         )
     return y.view(x.shape), rstd.view(x.shape[:-1])
-
-
-def _bwd_programs(m: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return min(m, 4 * sms)
-    return min(m, 8)  # interpret mode: few programs keep the dweight partial buffer small
 
 
 def _rms_norm_bwd_triton(
     dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, offset: float, needs_dw: bool
 ) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows(x), rows(dy)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     compute_dw = weight is not None and needs_dw
@@ -279,7 +263,8 @@ def _rms_norm_bwd_triton(
         return dx.view(x.shape), dw
     one_tile = triton.next_power_of_2(n) <= _BWD_ONE_TILE_MAX
     block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
-    rows_per_program = math.ceil(m / _bwd_programs(m, x.device))
+    warps = bwd_num_warps(block)
+    rows_per_program = math.ceil(m / bwd_programs(m, x.device, warps))
     programs = math.ceil(m / rows_per_program)
     alloc = torch.empty if one_tile else torch.zeros
     partial = alloc((programs, n) if compute_dw else (1, 1), dtype=torch.float32, device=x.device)
@@ -287,7 +272,7 @@ def _rms_norm_bwd_triton(
         dy2, x2, weight if weight is not None else x2, rstd.reshape(-1).contiguous(), dx, partial,
         dy2.stride(0), x2.stride(0), dx.stride(0), m, n, offset, rows_per_program,
         HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, BLOCK_N=block, ONE_TILE=one_tile,
-        num_warps=_num_warps(block),
+        num_warps=warps,
     )
     dw = partial.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)
     return dx.view(x.shape), dw
@@ -296,7 +281,7 @@ def _rms_norm_bwd_triton(
 def _rms_norm_fwd_cpp(
     x: Tensor, weight: Tensor | None, eps: float, offset: float, cast: int
 ) -> tuple[Tensor, Tensor]:
-    x2 = _rows(x).contiguous()
+    x2 = rows(x).contiguous()
     y, rstd = _backend.extension().rms_norm_fwd(x2, weight, eps, offset, cast)
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
@@ -304,8 +289,8 @@ def _rms_norm_fwd_cpp(
 def _rms_norm_bwd_cpp(
     dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, offset: float, needs_dw: bool
 ) -> tuple[Tensor, Tensor]:
-    x2 = _rows(x).contiguous()
-    dy2 = _rows(dy).contiguous()
+    x2 = rows(x).contiguous()
+    dy2 = rows(dy).contiguous()
     dx, dw = _backend.extension().rms_norm_bwd(
         dy2, x2, weight, rstd.reshape(-1).contiguous(), offset, needs_dw
     )
