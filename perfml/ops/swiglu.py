@@ -64,14 +64,15 @@ def geglu_ref(gate: Tensor, up: Tensor, approximate: str = "tanh") -> Tensor:
 
 
 def _glu_bwd_ref(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> tuple[Tensor, Tensor]:
+    # ATen's own activation backward kernels: autograd is off inside a custom op's body.
     compute = _compute_dtype(gate)
-    with torch.enable_grad():
-        g = gate.detach().to(compute).requires_grad_()
-        act = _activation_ref(g, activation)
-        (dact,) = torch.autograd.grad(act, g, torch.ones_like(act))
-    dyf = dy.to(compute)
-    dgate = dyf * up.to(compute) * dact
-    dup = dyf * act.detach()
+    g, u, dyf = gate.to(compute), up.to(compute), dy.to(compute)
+    if activation == ACTIVATIONS["silu"]:
+        dgate = torch.ops.aten.silu_backward(dyf * u, g)
+    else:
+        approximate = "tanh" if activation == ACTIVATIONS["gelu_tanh"] else "none"
+        dgate = torch.ops.aten.gelu_backward(dyf * u, g, approximate=approximate)
+    dup = dyf * _activation_ref(g, activation)
     return dgate.to(gate.dtype), dup.to(up.dtype)
 
 
@@ -347,7 +348,9 @@ def _backward(ctx, dy):
     need_dgate, need_dup = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if ctx.inplace_backward and _can_overwrite(gate, up):
         torch.ops.perfml.glu_bwd_inplace(dy, gate, up, ctx.activation, need_dgate, need_dup)
-        dgate, dup = gate, up
+        # Fresh aliases, not the saved tensors: AccumulateGrad adopts a gradient nothing else
+        # holds as a leaf's .grad, and copies one that something does.
+        dgate, dup = gate.view_as(gate), up.view_as(up)
     else:
         dgate, dup = torch.ops.perfml.glu_bwd(dy, gate, up, ctx.activation, need_dgate, need_dup)
     return (dgate if need_dgate else None), (dup if need_dup else None), None, None

@@ -148,11 +148,15 @@ def test_float64_input_uses_the_exact_reference():
     assert torch.equal(softmax(x, 0), softmax_ref(x, 0))
 
 
-def test_reference_backend_agrees():
-    x = torch.randn(5, 200, device=DEVICE)
+def test_reference_backend_forward_and_backward():
+    # The path CPU tensors take outside interpret mode.
+    x = torch.randn(5, 200, device=DEVICE) * 3
+    dy = torch.randn(5, 200, device=DEVICE)
     with _backend.force("reference"):
-        ref = softmax(x)
-    torch.testing.assert_close(softmax(x), ref, rtol=1e-5, atol=1e-7)
+        got = _run(softmax, x, dy, 0)
+    want = _run(softmax_ref, x.double(), dy.double(), 0)
+    for name, g, r in zip(("y", "dx"), got, want, strict=True):
+        assert_matches_reference(g, r, name=name)
 
 
 def test_gradient_of_a_weighted_sum_reads_an_expanded_dy():

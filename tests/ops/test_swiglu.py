@@ -108,6 +108,18 @@ def test_inplace_backward_writes_gradients_over_the_inputs(op, dtype, poison_emp
     assert_matches_reference(du, want[2], base[2], name="dup")
 
 
+def test_inplace_backward_gradients_become_leaf_grads_without_a_copy():
+    # AccumulateGrad adopts the returned gradient as .grad only when nothing else holds it;
+    # otherwise it copies, and overwriting the inputs would save nothing.
+    gate, up = _pair((4, 64), torch.float32, "contiguous")
+    g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    swiglu(g, u, inplace_backward=True).backward(torch.ones(4, 64, device=DEVICE))
+    assert g.grad.data_ptr() == g.data_ptr() and u.grad.data_ptr() == u.data_ptr()
+    want = _grads(swiglu_ref, gate.double(), up.double(), torch.ones(4, 64, device=DEVICE).double())
+    assert_matches_reference(g.grad, want[1], name="dgate")
+    assert_matches_reference(u.grad, want[2], name="dup")
+
+
 @pytest.mark.parametrize("layout", ["chunked", "row-padded"])
 def test_inplace_backward_falls_back_where_overwriting_is_unsafe(layout, poison_empty):
     # Halves of one storage, or a non-contiguous gate: the gradients go to new buffers and the
@@ -199,11 +211,20 @@ def test_float64_input_uses_the_exact_reference():
     assert torch.equal(geglu(g, u, "none"), geglu_ref(g, u, "none"))
 
 
-def test_reference_backend_agrees():
-    g, u = _pair((5, 200), torch.float32, "contiguous")
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("op", OPS)
+def test_reference_backend_forward_and_backward(op, inplace):
+    # The path CPU tensors take outside interpret mode.
+    fused, ref, _ = OPS[op]
+    gate, up = _pair((5, 200), torch.float32, "contiguous")
+    dy = torch.randn(5, 200, device=DEVICE)
     with _backend.force("reference"):
-        ref = geglu(g, u)
-    torch.testing.assert_close(geglu(g, u), ref, rtol=1e-5, atol=1e-6)
+        got = _grads(
+            lambda g, u: fused(g, u, inplace_backward=inplace), gate.clone(), up.clone(), dy
+        )
+    want = _grads(ref, gate.double(), up.double(), dy.double())
+    for name, g, r in zip(("y", "dgate", "dup"), got, want, strict=True):
+        assert_matches_reference(g, r, name=name)
 
 
 def test_geglu_defaults_to_tanh_like_hf_gelu_pytorch_tanh():

@@ -5,4 +5,6 @@ from perfml.bench.cases import (
     layer_norm,  # noqa: F401
     rms_norm,  # noqa: F401
     rope,  # noqa: F401
+    softmax,  # noqa: F401
+    swiglu,  # noqa: F401
 )
