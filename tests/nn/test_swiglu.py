@@ -89,11 +89,13 @@ def test_frozen_input_and_no_grad():
     torch.testing.assert_close(y, ref)
 
 
-def test_compile_fullgraph_has_no_graph_break():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_has_no_graph_break(backend):
+    # The backward overwrites saved activations: the compiled graph must keep that correct.
     torch._dynamo.reset()
     m = SwiGLUMLP(16, 40, device=DEVICE)
     x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
     compiled(x).sum().backward()
     gx, gw = x.grad.clone(), m.up_proj.weight.grad.clone()
     x.grad = None

@@ -202,14 +202,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.perfml.softmax_bwd.default, (dy, y))
 
 
-def test_compile_fullgraph_has_no_graph_break():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_has_no_graph_break(backend):
     torch._dynamo.reset()
     x = torch.randn(4, 6, 64, device=DEVICE, requires_grad=True)
 
     def f(x):
         return (softmax(x * 2, dim=1) * softmax(x, dim=-1)).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     compiled(x).backward()
     gx = x.grad.clone()
     x.grad = None
