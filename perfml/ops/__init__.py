@@ -1,7 +1,9 @@
 """Functional fused kernels, one op per file: `<op>_ref`, Triton kernels, launcher, custom op."""
 
 from perfml.ops.add_rms_norm import add_rms_norm, add_rms_norm_ref
+from perfml.ops.cross_entropy import cross_entropy, cross_entropy_ref
 from perfml.ops.layer_norm import layer_norm, layer_norm_ref
+from perfml.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from perfml.ops.rms_norm import rms_norm, rms_norm_ref
 from perfml.ops.rope import rope, rope_ref
 from perfml.ops.softmax import softmax, softmax_ref
@@ -22,4 +24,8 @@ __all__ = [
     "swiglu_ref",
     "softmax",
     "softmax_ref",
+    "cross_entropy",
+    "cross_entropy_ref",
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
 ]
