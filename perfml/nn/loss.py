@@ -1,0 +1,124 @@
+"""perfml.nn.CrossEntropyLoss and LinearCrossEntropyLoss: the fused losses as criterion modules.
+
+CrossEntropyLoss replaces torch.nn.CrossEntropyLoss for class-index targets with the class
+dimension last (logits [..., V], target [...]: the LM-head layout; for 2-D logits that is
+torch's layout too). Class weights and probability targets are not supported.
+
+LinearCrossEntropyLoss holds no parameters: forward(hidden, weight, target, bias=None) takes the
+LM head's weight (and bias) from the model that owns it, so tied embeddings and state_dicts stay
+where they are; it returns cross_entropy(hidden @ weight.T + bias, target) without the logits.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from perfml.ops.cross_entropy import check_options, cross_entropy
+from perfml.ops.linear_cross_entropy import linear_cross_entropy
+
+
+class CrossEntropyLoss(nn.Module):
+    """Fused cross-entropy; options as perfml.ops.cross_entropy.
+
+    `weight` is accepted only as None, so that torch.nn.CrossEntropyLoss(None, ...)-style calls
+    fail loudly instead of silently dropping class weights.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        if weight is not None:
+            raise ValueError(
+                "CrossEntropyLoss: class weights are not supported; use torch.nn.CrossEntropyLoss"
+            )
+        check_options("CrossEntropyLoss", ignore_index, reduction, label_smoothing, z_loss, softcap)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(
+            input,
+            target,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"softcap={self.softcap}, inplace_backward={self.inplace_backward}"
+        )
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Fused LM head + cross-entropy; options as perfml.ops.linear_cross_entropy."""
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        fp32_accumulation: bool = True,
+    ) -> None:
+        super().__init__()
+        check_options(
+            "LinearCrossEntropyLoss", ignore_index, reduction, label_smoothing, z_loss, softcap
+        )
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(
+                f"LinearCrossEntropyLoss: chunk_size must be None or >= 1, got {chunk_size}"
+            )
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.fp32_accumulation = fp32_accumulation
+
+    def forward(
+        self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None
+    ) -> Tensor:
+        return linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+            fp32_accumulation=self.fp32_accumulation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"softcap={self.softcap}, chunk_size={self.chunk_size}, "
+            f"fp32_accumulation={self.fp32_accumulation}"
+        )
