@@ -37,7 +37,7 @@ _FWD_ONE_TILE_MAX = 32768  # widest row kept in registers by the forward
 _BWD_ONE_TILE_MAX = 16384  # the backward holds two rows (y and dy)
 _ROWS_BLOCK = 4096  # short rows: pack rows until a tile holds about this many elements
 _LOOP_BLOCK = 16384  # looped kernels: elements per tile
-_LONG_ROW_CTAS_PER_SM = 1
+_LONG_ROW_CTAS_PER_SM = 1  # bounds the rows in flight so their second read hits L2 (see above)
 _INTERPRET_PROGRAMS = 3  # interpret mode: few programs, so each walks over several rows
 
 

@@ -292,8 +292,11 @@ def _glu_bwd_op(
     dy: Tensor, gate: Tensor, up: Tensor, activation: int, need_dgate: bool, need_dup: bool
 ) -> tuple[Tensor, Tensor]:
     if _backend.select("swiglu", gate.device) == "triton":
-        dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+        # A gradient not asked for gets no buffer: its input stands in, and is never written.
+        dgate = (
+            torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if need_dgate else gate
+        )
+        dup = torch.empty(up.shape, dtype=up.dtype, device=up.device) if need_dup else up
         _glu_bwd_triton(dy, gate, up, dgate, dup, activation, need_dgate, need_dup)
     else:
         dgate, dup = (t.contiguous() for t in _glu_bwd_ref(dy, gate, up, activation))
@@ -333,7 +336,7 @@ def _can_overwrite(gate: Tensor, up: Tensor) -> bool:
     one chunked projection: the gradient of the whole is a new tensor anyway)."""
     if not (gate.is_contiguous() and up.is_contiguous()):
         return False
-    return not torch._C._is_alias_of(gate, up)
+    return not torch._C._is_alias_of(gate, up)  # storage identity; also answers for fake tensors
 
 
 def _setup_context(ctx, inputs, output):
