@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml.ops._launch import rows
 
 _FWD_ONE_TILE_MAX = 32768  # widest row kept in registers by the forward
 _BWD_ONE_TILE_MAX = 16384  # the backward holds two rows (y and dy)
@@ -196,12 +197,6 @@ if _backend.has_triton():
 # --- 3. launchers ----------------------------------------------------------------------------
 
 
-def _rows(t: Tensor) -> Tensor:
-    """[..., N] -> [M, N] with a unit stride along N (a view when the strides allow it)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _tile_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of the one-tile kernels."""
     block_n = triton.next_power_of_2(n)
@@ -222,7 +217,7 @@ def _softmax_fwd_triton(x: Tensor) -> Tensor:
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = x.shape[-1]
-    x2 = _rows(x)
+    x2 = rows(x)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if n <= _FWD_ONE_TILE_MAX:
@@ -242,7 +237,7 @@ def _softmax_bwd_triton(dy: Tensor, y: Tensor) -> Tensor:
     if y.numel() == 0:
         return torch.empty(y.shape, dtype=y.dtype, device=y.device)
     n = y.shape[-1]
-    dy2, y2 = _rows(dy), _rows(y)
+    dy2, y2 = rows(dy), rows(y)
     m = y2.shape[0]
     dx = torch.empty((m, n), dtype=y.dtype, device=y.device)
     if n <= _BWD_ONE_TILE_MAX:
