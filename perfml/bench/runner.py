@@ -82,11 +82,17 @@ def _tensors(out: Any) -> list[Tensor]:
     raise TypeError(f"an impl returned {type(out).__name__}, expected a Tensor or a tuple of them")
 
 
+def _own_copy(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A private copy of the tensor inputs for one impl: in-place impls (Liger's, perfml's
+    inplace_backward) overwrite their inputs, which must not reach the impls measured after."""
+    return tuple(t.detach().clone() if isinstance(t, Tensor) else t for t in inputs)
+
+
 def _leaves(inputs: tuple[Any, ...], grad_index: tuple[int, ...]) -> tuple[list[Any], list[Tensor]]:
-    args = list(inputs)
+    args = list(_own_copy(inputs))
     leaves = []
     for i in grad_index:
-        args[i] = inputs[i].detach().requires_grad_()
+        args[i] = args[i].requires_grad_()
         leaves.append(args[i])
     return args, leaves
 
@@ -119,7 +125,7 @@ def make_problem(
 
 def prepare(problem: Problem, fn: Callable[..., Any]) -> Prepared:
     if problem.mode == "fwd":
-        inputs = problem.inputs
+        inputs = _own_copy(problem.inputs)
         return Prepared(
             step=lambda: fn(*inputs),
             leaves=[],
