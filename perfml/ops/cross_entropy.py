@@ -144,16 +144,20 @@ def _ce_rows_ref(
     loss_out.copy_(loss)
     if grad_out is None:
         return
-    g = torch.exp(x - lse.unsqueeze(1)) * (1 + 2 * z_loss * lse).unsqueeze(1)
+    # in place where it is safe, so the CPU fallback makes no [N, V] temporaries beyond one
+    g = grad_out if grad_out.dtype == compute else torch.empty_like(x)
+    torch.sub(x, lse.unsqueeze(1), out=g).exp_()
+    if z_loss:
+        g.mul_((1 + 2 * z_loss * lse).unsqueeze(1))
     if label_smoothing:
-        g = g - label_smoothing / v
-    onehot = (1 - label_smoothing) * in_range.to(compute).unsqueeze(1)
-    g = g.scatter_add(1, safe_t, -onehot)
+        g.sub_(label_smoothing / v)
+    g.scatter_add_(1, safe_t, -(1 - label_smoothing) * in_range.to(compute).unsqueeze(1))
     if softcap is not None:
-        g = g * (1 - (x / softcap).square())
+        g.mul_(1 - (x / softcap).square())
     row_scale = scale.to(compute).expand(t.shape[0]) if scale.numel() == 1 else scale.to(compute)
-    g = g * torch.where(valid, row_scale, 0.0).unsqueeze(1)
-    grad_out.copy_(g)
+    g.mul_(torch.where(valid, row_scale, 0.0).unsqueeze(1))
+    if g is not grad_out:
+        grad_out.copy_(g)
 
 
 # --- 2. Triton kernels -----------------------------------------------------------------------

@@ -510,3 +510,24 @@ def test_out_of_range_target_on_cuda():
     assert unchecked.returncode == 0, unchecked.stderr
     losses = json.loads(unchecked.stdout.split("LOSS", 1)[1])
     assert losses[2] != losses[2] and all(v == v for i, v in enumerate(losses) if i != 2)
+
+
+@pytest.mark.slow
+def test_compile_inductor_with_backward():
+    # the forward's gradient output, scaled in place by the backward, through Inductor's
+    # partitioner (the path test_opcheck leaves to this test)
+    torch._dynamo.reset()
+    h = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(50, 16, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 50, (6,), device=DEVICE)
+
+    def f(h, w):
+        return cross_entropy(h @ w.t(), target, label_smoothing=0.1) * 0.5
+
+    compiled = torch.compile(f, fullgraph=True)
+    compiled(h, w).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    f(h, w).backward()
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)

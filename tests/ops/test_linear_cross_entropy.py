@@ -418,3 +418,23 @@ def test_more_than_2_to_the_31_logits_in_one_chunk():
     linear_cross_entropy_ref(hb, weight, target[tail], reduction="sum").backward()
     assert torch.isfinite(loss)
     assert_matches_reference(hl.grad[tail], hd.grad, hb.grad, name="dhidden tail")
+
+
+@pytest.mark.slow
+def test_compile_inductor_with_backward():
+    # gradients computed by the forward and scaled in place by the backward, through Inductor
+    torch._dynamo.reset()
+    hidden, weight, target, b = _inputs(9, 16, 40, torch.float32, bias=True)
+    h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+
+    def f(h, w, bb):
+        return linear_cross_entropy(h, w, target, bb, chunk_size=4) * 0.5
+
+    compiled = torch.compile(f, fullgraph=True)
+    compiled(h, w, bb).backward()
+    grads = [t.grad.clone() for t in (h, w, bb)]
+    for t in (h, w, bb):
+        t.grad = None
+    f(h, w, bb).backward()
+    for got, t in zip(grads, (h, w, bb), strict=True):
+        torch.testing.assert_close(got, t.grad)

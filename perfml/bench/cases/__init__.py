@@ -2,7 +2,9 @@
 
 from perfml.bench.cases import (
     add_rms_norm,  # noqa: F401
+    cross_entropy,  # noqa: F401
     layer_norm,  # noqa: F401
+    linear_cross_entropy,  # noqa: F401
     rms_norm,  # noqa: F401
     rope,  # noqa: F401
     softmax,  # noqa: F401
