@@ -1,0 +1,41 @@
+// The Python module perfml._C: one pybind11 entry per kernel declared in perfml.h.
+//
+// Kernels release the GIL while they run: they touch no Python objects, and a data-loader
+// thread should not stall behind a long normalization.
+#include <torch/extension.h>
+
+#include "perfml.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "perfml C++ kernels (CPU); see perfml/ops/* for the Python entry points";
+  m.def(
+      "cpu_kernel_isa",
+      &perfml::cpu_kernel_isa,
+      "Which build of the CPU kernels runs here: 'avx2' or 'default' (torch's CPU capability "
+      "decides; ATEN_CPU_CAPABILITY=default forces the portable one).");
+  m.def(
+      "rms_norm_fwd",
+      &perfml::rms_norm_fwd,
+      "RMSNorm forward on CPU: (x [M, N], weight [N] | None, eps, offset, cast) -> "
+      "(y [M, N], rstd [M] fp32). cast: 0 llama, 1 gemma, 2 none.",
+      py::arg("x"),
+      py::arg("weight"),
+      py::arg("eps"),
+      py::arg("offset"),
+      py::arg("cast"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "rms_norm_bwd",
+      &perfml::rms_norm_bwd,
+      "RMSNorm backward on CPU: (dy, x, weight | None, rstd, offset, needs_dw) -> "
+      "(dx [M, N] in x.dtype, dw [N] in weight.dtype or empty).",
+      py::arg("dy"),
+      py::arg("x"),
+      py::arg("weight"),
+      py::arg("rstd"),
+      py::arg("offset"),
+      py::arg("needs_dw"),
+      py::call_guard<py::gil_scoped_release>());
+}
