@@ -9,4 +9,5 @@ from perfml.bench.cases import (
     rope,  # noqa: F401
     softmax,  # noqa: F401
     swiglu,  # noqa: F401
+    train_step,  # noqa: F401
 )
