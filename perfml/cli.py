@@ -1,16 +1,22 @@
 """The `perfml` command (also `python -m perfml`).
 
 Each subcommand is one entry of COMMANDS (help line, argument setup, handler returning the exit
-code), so later ones (train, profile, eval, quantize, prune, export) plug in without touching
-main(). Exit codes: 0 success, 2 bad usage (unknown case/mode/impl, a device that is missing).
+code), so later ones (profile, quantize, prune, export) plug in without touching main().
+Exit codes: 0 success (a training stopped by SIGTERM/SIGINT after writing its checkpoint
+included), 2 bad usage (unknown case/mode/impl, a device that is missing, a bad config key or
+value, a missing or damaged checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,28 +109,243 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train / eval ---------------------------------------------------------------------------
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config", metavar="FILE.yaml", help="the run's settings (default: built-in)"
+    )
+    source.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR (its config.yaml) from its latest checkpoint, or "
+        "from the checkpoint directory given",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set lr=1e-3",
+    )
+
+
+def _train_errors() -> tuple[type[Exception], ...]:
+    from perfml.train import CheckpointError, ConfigError
+
+    return ConfigError, CheckpointError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from perfml import train
+
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            if (
+                not (run_dir / "config.yaml").is_file()
+                and (run_dir.parent.parent / "config.yaml").is_file()
+            ):
+                run_dir = run_dir.parent.parent  # a checkpoint directory: RUN/checkpoints/step-N
+            config = train.load_config(
+                run_dir / "config.yaml", [*args.overrides, f"out_dir={run_dir}"]
+            )
+            result = train.Trainer(config, resume=args.resume).fit()
+        else:
+            config = train.load_config(args.config, args.overrides)
+            result = train.Trainer(config).fit()
+    except _train_errors() as exc:
+        raise UsageError(str(exc)) from None
+    if _rank() == 0:
+        _print_run_summary(result)
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _print_run_summary(result: Any) -> None:
+    run_dir = result.run_dir
+    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
+    if result.val_loss is not None:
+        losses += f", val loss {result.val_loss:.4f} (ppl {_ppl(result.val_loss):.2f})"
+    stopped = {"max_steps": "reached max_steps", "early_stop": "early stopping"}.get(
+        result.stop_reason, f"stopped by {result.stop_reason}"
+    )
+    done = f"{result.tokens:,} tokens in {result.elapsed_s:.1f} s"
+    print(f"step {result.step}: {stopped}; {losses}; {done}")
+    print(f"run directory    {run_dir}")
+    for label, name in (
+        ("config", "config.yaml"),
+        ("metrics", "metrics.jsonl"),
+        ("loss curve", "loss.png"),
+        ("tensorboard", "tensorboard"),
+    ):
+        if (run_dir / name).exists():
+            print(f"  {label:<15}{run_dir / name}")
+    if result.last_checkpoint is not None:
+        print(f"  {'checkpoint':<15}{result.last_checkpoint}")
+    if result.best_checkpoint is not None:
+        print(f"  {'best':<15}{result.best_checkpoint}")
+    if result.stop_reason not in ("max_steps", "early_stop"):
+        print(f"resume with: perfml train --resume {run_dir}")
+
+
+def _ppl(loss: float) -> float:
+    import math
+
+    return math.exp(min(loss, 50.0))
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by perfml train")
+    p.add_argument(
+        "--checkpoint", default="latest", help="latest (default), best, or a checkpoint directory"
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        metavar="N",
+        help="validation batches (default: the run's eval_batches)",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from perfml import train
+
+    device = _device(args.device).type
+    try:
+        result = train.evaluate_run(
+            args.run_dir, args.checkpoint, batches=args.batches, device=device
+        )
+    except _train_errors() as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['checkpoint']} (step {result['step']}): val loss {result['val_loss']:.4f}, "
+            f"perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens"
+        )
+    return 0
+
+
 # --- demo -------------------------------------------------------------------------------------
+
+# The demo run, the same settings as configs/tiny.yaml: the tiny preset on the standard library's
+# source, byte-level, sized to train in about two minutes on two CPU cores.
+DEMO_SETTINGS: dict[str, Any] = {
+    "model": "tiny",
+    "fused": True,
+    "seq_len": 128,
+    "batch_size": 16,
+    "max_steps": 300,
+    "lr": 3e-3,
+    "warmup_steps": 30,
+    "schedule": "cosine",
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.1,
+    "precision": "fp32",
+    "eval_every": 50,
+    "eval_batches": 8,
+    "ckpt_every": 100,
+    "keep_last": 2,
+    "loggers": ["jsonl", "tensorboard"],
+}
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--out-dir", metavar="DIR", help="the run directory (default: runs/demo-TIME)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a demo setting, e.g. --set max_steps=100",
+    )
+    p.add_argument(
+        "--no-bench",
+        dest="bench",
+        action="store_false",
+        help="skip the quick op benchmark after the training",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from perfml import train
+
     device = _device(args.device)
+    out_dir = args.out_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [f"device={device.type}", f"out_dir={out_dir}", *args.overrides]
+    try:
+        config = train.TrainConfig.from_dict(DEMO_SETTINGS, "demo").with_overrides(overrides)
+    except train.ConfigError as exc:
+        raise UsageError(str(exc)) from None
     print(
-        f"perfml demo: a quick benchmark of every op on {device.type}, perfml against eager "
-        "PyTorch and the native op (the full run is `perfml bench`).",
+        f"perfml demo: training the {config.model} Llama preset (fused={config.fused}) on "
+        f"{config.data or 'the Python standard library source'} for {config.max_steps} steps on "
+        f"{device.type}; the run directory is {out_dir}",
         flush=True,
     )
+    start = time.perf_counter()
+    try:
+        result = train.Trainer(config).fit()
+    except _train_errors() as exc:
+        raise UsageError(str(exc)) from None
+    print(f"trained in {time.perf_counter() - start:.0f} s")
+    _print_run_summary(result)
+    print(f"sample: {_sample(result.run_dir, device)!r}")
+    print("next:")
+    print(f"  perfml eval {out_dir}")
+    print(f"  perfml train --resume {out_dir} --set max_steps={2 * config.max_steps}")
+    if (result.run_dir / "tensorboard").is_dir():
+        print(f"  tensorboard --logdir {out_dir}/tensorboard")
+    if not args.bench:
+        return 0
+    print("\nthe ops: perfml against eager PyTorch and the native op (all of it: perfml bench)")
     return _bench(build_parser().parse_args(["bench", "--quick", "--device", device.type]))
+
+
+def _sample(run_dir: Path, device: Any) -> str:
+    """A short greedy-ish continuation from the trained model, to see what it learned."""
+    import torch
+
+    from perfml import data
+    from perfml.models.llama import Llama, LlamaConfig
+    from perfml.train import load_checkpoint, resolve_checkpoint
+
+    ckpt = load_checkpoint(resolve_checkpoint(run_dir), model_only=True)
+    model = Llama(LlamaConfig.from_dict(ckpt.meta["model_config"])).to(device).eval()
+    model.load_state_dict(ckpt.model)
+    tokenizer = data.load_tokenizer(run_dir / "tokenizer.json")
+    prompt = torch.tensor([tokenizer.encode("def ")], device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    length = min(80, model.config.max_seq_len - prompt.shape[1])
+    out = model.generate(prompt, length, temperature=0.7, top_k=20, generator=generator)
+    return tokenizer.decode(out[0].tolist())
 
 
 COMMANDS: dict[str, Command] = {
     "bench": Command(
         "time perfml's ops against eager/torch/compile/liger", _bench_arguments, _bench
     ),
-    "demo": Command("a quick benchmark of every op on this machine", _demo_arguments, _demo),
+    "train": Command(
+        "train a model (a YAML config, --set overrides, --resume)", _train_arguments, _train
+    ),
+    "eval": Command("validation loss and perplexity of a run's checkpoint", _eval_arguments, _eval),
+    "demo": Command(
+        "train the tiny model on this machine, then a quick op benchmark", _demo_arguments, _demo
+    ),
 }
 
 

@@ -23,7 +23,7 @@ def test_help_lists_the_subcommands(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "bench" in out and "demo" in out
+    assert all(name in out for name in ("bench", "demo", "train", "eval"))
 
 
 def test_bench_quick_writes_jsonl_and_prints_the_table(only_tiny, tmp_path, capsys):
@@ -79,8 +79,40 @@ def test_list(capsys):
     assert "rms_norm" in capsys.readouterr().out
 
 
-def test_demo_says_what_it_does_then_prints_the_table(only_tiny, capsys):
-    assert cli.main(["demo", "--device", "cpu"]) == 0
+@pytest.fixture
+def demo_args(tmp_path):
+    """A demo run shrunk to seconds: a small corpus, a small model, two steps, plain PyTorch."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n\n" * 400)
+    model = "{hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2, num_kv_heads: 1}"
+    settings = [f"data={corpus}", f"cache_dir={tmp_path / 'cache'}", f"model_args={model}",
+                "fused=false", "seq_len=16", "batch_size=2", "max_steps=2", "eval_every=1",
+                "eval_batches=1", "progress=false"]  # fmt: skip
+    run_dir = tmp_path / "demo"
+    return run_dir, ["demo", "--device", "cpu", "--out-dir", str(run_dir)] + [
+        arg for setting in settings for arg in ("--set", setting)
+    ]
+
+
+def test_demo_trains_then_prints_the_table(only_tiny, demo_args, capsys):
+    run_dir, argv = demo_args
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith("perfml demo: ")
-    assert f"{TINY}  4x16  float32  fwd+bwd" in out
+    assert out.startswith("perfml demo: training the tiny Llama preset")
+    assert f"run directory    {run_dir}" in out and "sample: 'def " in out
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "tensorboard"):
+        assert str(run_dir / name) in out and (run_dir / name).exists()
+    assert f"perfml eval {run_dir}" in out
+    assert out.index("sample:") < out.index(f"{TINY}  4x16  float32  fwd+bwd")
+
+
+def test_demo_without_the_benchmark(only_tiny, demo_args, capsys):
+    _, argv = demo_args
+    assert cli.main([*argv, "--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert "sample: " in out and TINY not in out
+
+
+def test_demo_bad_setting_exits_2(capsys):
+    assert cli.main(["demo", "--device", "cpu", "--no-bench", "--set", "max_steps=-3"]) == 2
+    assert "max_steps must be >= 1, got -3" in capsys.readouterr().err
