@@ -108,7 +108,9 @@ def test_demo_trains_then_prints_the_table(only_tiny, demo_args, capsys):
 
 def test_demo_without_the_benchmark(only_tiny, demo_args, capsys):
     _, argv = demo_args
-    assert cli.main([*argv, "--no-bench"]) == 0
+    threads = torch.get_num_threads()
+    assert cli.main([*argv, "--no-bench", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # the demo's thread count is its own
     out = capsys.readouterr().out
     assert "sample: " in out and TINY not in out
 

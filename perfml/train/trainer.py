@@ -24,6 +24,7 @@ all-gathers fp32: simple and exact, twice the bytes of a bf16 param policy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import math
 import os
@@ -317,8 +318,8 @@ class Trainer:
     # --- public --------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        self._setup()
         try:
+            self._setup()
             with self._signal_handlers():
                 return self._loop()
         finally:
@@ -472,8 +473,9 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         self._progress = self._progress_bar()
-        saved_step = self.step if self.last_checkpoint is not None else -1
-        evaluated_step = -1
+        # a resumed run's checkpoint step needs neither a new checkpoint nor a final evaluation
+        resumed_at = self.step if self.last_checkpoint is not None else -1
+        saved_step = evaluated_step = resumed_at
         while self.step < config.max_steps and self._stop_reason is None:
             start = time.perf_counter()
             loss, grad_norm, lr = self._train_step()
@@ -541,11 +543,12 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, lr)."""
         micro = [next(self.loader) for _ in range(self.config.grad_accum)]
         device, module = self.device, self.train_module
-        # [loss sum, tokens, stop requests]: summed over ranks once per step; the token count is
-        # reduced first, before any backward, because every micro-batch's loss is divided by it
-        counts = torch.tensor([float(sum(int((y != -100).sum()) for _, y in micro))], device=device)
-        distributed.all_reduce_sum(counts, self.env)
-        scale = self.env.world_size / counts[0]
+        # the step's token count over all micro-batches and ranks, before any backward: every
+        # micro-batch's summed loss is divided by it (times world_size: DDP/FSDP average grads)
+        local_tokens = sum(int((labels != -100).sum()) for _, labels in micro)
+        tokens = torch.tensor(float(local_tokens), dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(tokens, self.env)
+        scale = self.env.world_size / tokens
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         lr = self.optimizer.param_groups[0]["lr"]
         for i, (input_ids, labels) in enumerate(micro):
@@ -566,15 +569,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        stop = torch.tensor(
-            float(self._requested_stop is not None), dtype=torch.float64, device=device
-        )
-        stats = distributed.all_reduce_sum(
-            torch.stack([loss_sum, counts[0].double(), stop]), self.env
-        )
-        loss_total, tokens, stops = stats.tolist()
+        # [loss sum, stop requests] summed over ranks: the logged loss, and whether any rank
+        # was asked to stop during this step
+        stop = float(self._requested_stop is not None)
+        stats = torch.stack([loss_sum, torch.tensor(stop, dtype=torch.float64, device=device)])
+        loss_total, stops = distributed.all_reduce_sum(stats, self.env).tolist()
         self._agreed_stop = stops > 0
-        return loss_total / tokens, float(grad_norm), lr
+        return loss_total / tokens.item(), float(grad_norm), lr
 
     def _step_row(self, loss: float, grad_norm: float, lr: float, seconds: float) -> dict[str, Any]:
         tokens_per_s = self.tokens_per_step / seconds
@@ -615,7 +616,7 @@ class Trainer:
             "best": improved,
         }
         self.log(row)
-        if self._progress is not None:
+        if self.env.is_main and self.config.progress:
             self._progress.write(
                 f"step {self.step}: val loss {metrics['loss']:.4f} (ppl {metrics['ppl']:.2f})"
                 + (" best" if improved else "")
@@ -673,6 +674,7 @@ class Trainer:
             "val_loss": self.last_val_loss,
             "world_size": self.env.world_size,
             "precision": self.precision,
+            "mfu_peak": {"flops": self.peak_flops, "source": self.peak_source},
             "versions": {"perfml": perfml.__version__, "torch": torch.__version__},
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -735,7 +737,7 @@ class Trainer:
         for logger in self._loggers:
             logger.close()
         self._loggers = []
-        if self.config.deterministic:
+        if hasattr(self, "_deterministic_before"):
             torch.use_deterministic_algorithms(self._deterministic_before)
         distributed.teardown(getattr(self, "_created_group", False))
 
@@ -768,8 +770,9 @@ def evaluate_run(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Validation loss and perplexity of a run's checkpoint ("latest", "best" or a path) on the
-    run's validation split; `batches` caps the batches (default: the run's eval_batches)."""
-    from perfml.models.llama import Llama
+    validation batches the run's own evaluations used (its global batch: batch_size x the world
+    size it trained with); `batches` caps the batches (default: the run's eval_batches)."""
+    from perfml.models.llama import Llama, LlamaConfig
     from perfml.train.config import load_config
 
     run_dir = Path(run_dir)
@@ -786,13 +789,14 @@ def evaluate_run(
             f"data: the corpus changed since {loaded.path} was written (fingerprint "
             f"{data.fingerprint}, the run used {loaded.meta['data']['fingerprint']})"
         )
-    cfg = model_config(config, data.tokenizer.vocab_size)
-    model = Llama(cfg).to(env.device)
+    model = Llama(LlamaConfig.from_dict(loaded.meta["model_config"])).to(env.device)
     model.load_state_dict(loaded.model)
     precision = resolve_precision(config.precision, env.device)
+    global_batch = config.batch_size * int(loaded.meta.get("world_size", 1))
+    val_config = dataclasses.replace(config, batch_size=global_batch)
     metrics = evaluate(
         model,
-        token_loader(data.val_tokens, config, env, split="val"),
+        token_loader(data.val_tokens, val_config, env, split="val"),
         device=env.device,
         precision=precision,
         max_batches=batches or config.eval_batches,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,9 +380,7 @@ def test_mlflow_missing_is_a_clear_error_before_any_work(make_config, monkeypatc
     config = make_config(loggers=["jsonl", "mlflow"])
     with pytest.raises(ConfigError, match=r"mlflow package.*pip install 'perfml\[mlflow\]'"):
         Trainer(config).fit()
-    assert not (tmp := __import__("pathlib").Path(config.out_dir)).exists() or not any(
-        tmp.iterdir()
-    )
+    assert not Path(config.out_dir).exists()
 
 
 def test_perfml_optimizer_missing_is_a_clear_error(make_config, monkeypatch):
@@ -423,3 +422,59 @@ def test_model_args_errors_name_the_key(make_config):
         Trainer(make_config(model_args={"hidden": 3})).fit()
     with pytest.raises(ConfigError, match="seq_len 100 exceeds the model's max_seq_len 64"):
         Trainer(make_config(seq_len=100)).fit()
+
+
+class FakeMlflow:
+    """The slice of the mlflow API the logger uses, recording the calls."""
+
+    def __init__(self):
+        self.calls, self.runs = [], 0
+
+    def set_tracking_uri(self, uri):
+        self.calls.append(("uri", uri))
+
+    def start_run(self, run_id=None, run_name=None):
+        self.runs += 1
+        self.calls.append(("start", run_id, run_name))
+        info = type("Info", (), {"run_id": run_id or f"run{self.runs}"})
+        return type("Run", (), {"info": info})
+
+    def log_params(self, params):
+        self.calls.append(("params", params["lr"]))
+
+    def log_metrics(self, metrics, step):
+        self.calls.append(("metrics", step, sorted(metrics)))
+
+    def end_run(self):
+        self.calls.append(("end",))
+
+
+def test_mlflow_logger_logs_into_one_run_across_a_resume(make_config, monkeypatch):
+    fake = FakeMlflow()
+    monkeypatch.setitem(sys.modules, "mlflow", fake)
+    config = make_config(loggers=["jsonl", "mlflow"], max_steps=4, eval_every=2, ckpt_every=2)
+    Trainer(config, callbacks=[SignalAt(2)]).fit()
+    run_dir = Path(config.out_dir).resolve()
+    assert fake.calls[0] == ("uri", (run_dir / "mlruns").as_uri())
+    assert fake.calls[1] == ("start", None, run_dir.name) and fake.calls[2] == ("params", "0.003")
+    assert (
+        "metrics",
+        1,
+        [
+            "train/elapsed_s",
+            "train/grad_norm",
+            "train/loss",
+            "train/lr",
+            "train/mfu",
+            "train/tokens",
+            "train/tokens_per_s",
+        ],
+    ) in fake.calls
+    assert ("metrics", 2, ["val/best", "val/loss", "val/ppl", "val/tokens"]) not in fake.calls
+    assert ("metrics", 2, ["val/loss", "val/ppl", "val/tokens"]) in fake.calls
+    assert fake.calls[-1] == ("end",)
+    fake.calls.clear()
+    Trainer(config, resume=config.out_dir).fit()
+    assert fake.calls[1] == ("start", "run1", None)  # the same MLflow run continues
+    assert not any(call[0] == "params" for call in fake.calls)  # params are write-once
+    assert [c[1] for c in fake.calls if c[0] == "metrics" and "train/loss" in c[2]] == [3, 4]
