@@ -39,6 +39,12 @@ def say_once(key: str, message: str) -> None:
         log.warning(message)
 
 
+def checks_enabled() -> bool:
+    """Whether CUDA calls run their device-side input checks (index ranges: cross-entropy
+    targets, rope position_ids). PERFML_CHECKS=0 turns them off; CPU inputs are always checked."""
+    return os.environ.get("PERFML_CHECKS", "1").strip() != "0"
+
+
 def interpret_mode() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -43,8 +43,6 @@ probability targets are not supported.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -54,11 +52,6 @@ REDUCTIONS = ("mean", "sum", "none")
 _MAX_BLOCK_V = 16384  # vocab tile: 32 fp32 values per thread at 16 warps
 _SCALE_BLOCK = 4096
 _SCALE_SPAN = 16 * _SCALE_BLOCK  # elements per program of the gradient-scaling kernel
-
-
-def checks_enabled() -> bool:
-    """Whether CUDA calls run their device-side input checks (PERFML_CHECKS=0 turns them off)."""
-    return os.environ.get("PERFML_CHECKS", "1").strip() != "0"
 
 
 # --- 1. reference ----------------------------------------------------------------------------
@@ -366,7 +359,7 @@ def check_targets(t: Tensor, v: int, ignore_index: int, op: str) -> None:
         return
     bad = (t != ignore_index) & ((t < 0) | (t >= v))
     if t.device.type != "cpu":
-        if checks_enabled():
+        if _backend.checks_enabled():
             torch._assert_async(
                 bad.logical_not().all(),
                 f"perfml.{op}: a target is outside [0, {v}) and is not ignore_index "
