@@ -159,6 +159,9 @@ def _train(args: argparse.Namespace) -> int:
             result = train.Trainer(config).fit()
     except _train_errors() as exc:
         raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: the user gave up on the checkpoint
+        print("perfml train: interrupted without a checkpoint", file=sys.stderr)
+        return 130
     if _rank() == 0:
         _print_run_summary(result)
     return 0

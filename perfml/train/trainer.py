@@ -364,7 +364,12 @@ class Trainer:
         checkpoint = self._find_resume_checkpoint()
         self._prepare_run_dir(resuming=checkpoint is not None)
 
+        # rank 0 tokenizes (and trains a BPE) into the cache first; the other ranks then read it
+        if not self.env.is_main:
+            distributed.barrier(self.env)
         self.data = build_data(config)
+        if self.env.is_main:
+            distributed.barrier(self.env)
         self.model_config = model_config(config, self.data.tokenizer.vocab_size)
         self.model = self._build_model()
         self.train_module = distributed.wrap(self.model, config.parallel, self.env)

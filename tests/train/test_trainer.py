@@ -478,3 +478,33 @@ def test_mlflow_logger_logs_into_one_run_across_a_resume(make_config, monkeypatc
     assert fake.calls[1] == ("start", "run1", None)  # the same MLflow run continues
     assert not any(call[0] == "params" for call in fake.calls)  # params are write-once
     assert [c[1] for c in fake.calls if c[0] == "metrics" and "train/loss" in c[2]] == [3, 4]
+
+
+def test_sigint_stops_like_sigterm_and_a_second_one_aborts(make_config):
+    result = Trainer(
+        make_config("once", eval_every=0), callbacks=[SignalAt(3, signal.SIGINT)]
+    ).fit()
+    assert (result.stop_reason, result.step, result.last_checkpoint.name) == (
+        "SIGINT",
+        3,
+        "step-00000003",
+    )
+
+    class Twice(Callback):
+        def on_step_end(self, trainer, metrics):
+            if metrics["step"] == 2:
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_config("twice", eval_every=0), callbacks=[Twice()]).fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_progress_bar_shows_loss_speed_mfu_and_eta(make_config, capsys):
+    Trainer(make_config(progress=True, max_steps=3, eval_every=3)).fit()
+    captured = capsys.readouterr()
+    last = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "3/3" in last and "loss " in last and " tok/s" in last and "MFU " in last
+    assert "<00:00" in last  # the remaining-time estimate
+    assert "step 3: val loss " in captured.out
