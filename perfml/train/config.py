@@ -34,15 +34,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run; the field names are the YAML keys and --set keys."""
+
     # model: a preset of perfml.models.llama.LlamaConfig, optionally overridden field by field
     model: str = "tiny"
     model_args: dict[str, Any] = field(default_factory=dict)
     fused: bool = True  # perfml kernels (True) or plain PyTorch (False)
 
-    # data: None is the running Python's standard-library sources
+    # data: a text file or a folder of them; None is the running Python's standard-library source
     data: str | None = None
     tokenizer: Literal["byte", "bpe"] = "byte"
-    vocab_size: int | None = None  # BPE vocabulary size (default: the model's)
+    vocab_size: int | None = None  # BPE vocabulary size (default 4096); no effect on "byte"
     seq_len: int = 256
     val_fraction: float = 0.05
     cache_dir: str | None = None  # tokenizer / token cache (default: ~/.cache/perfml)

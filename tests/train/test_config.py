@@ -8,6 +8,7 @@ import pytest
 from perfml import cli
 from perfml.train import ConfigError, TrainConfig, load_config
 from perfml.train.config import save_config
+from perfml.train.trainer import model_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,6 +23,14 @@ def test_tiny_yaml_is_the_demo_run():
     config = load_config(REPO / "configs" / "tiny.yaml")
     demo = TrainConfig.from_dict(cli.DEMO_SETTINGS)
     assert config.to_dict() == {**demo.to_dict(), "out_dir": "runs/tiny"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    config = load_config(path)
+    assert config.out_dir == f"runs/{path.stem}"
+    model = model_config(config, config.vocab_size)  # the preset, seq_len and vocabulary fit
+    assert model.fused == config.fused
 
 
 @pytest.mark.parametrize(

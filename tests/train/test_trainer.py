@@ -383,6 +383,16 @@ def test_mlflow_missing_is_a_clear_error_before_any_work(make_config, monkeypatc
     assert not Path(config.out_dir).exists()
 
 
+def test_perfml_optimizer_trains_and_resumes_like_torch_adamw(make_config):
+    pytest.importorskip("perfml.optim")
+    torch_run = Trainer(make_config("torch", max_steps=6, eval_every=0)).fit()
+    config = make_config("perfml", optimizer="perfml", max_steps=6, eval_every=0)
+    Trainer(config, callbacks=[SignalAt(3)]).fit()
+    resumed = Trainer(config, resume=config.out_dir).fit()
+    losses = [r["loss"] for r in read_rows(resumed.run_dir)]
+    assert losses == pytest.approx([r["loss"] for r in read_rows(torch_run.run_dir)], rel=1e-5)
+
+
 def test_perfml_optimizer_missing_is_a_clear_error(make_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "perfml.optim", None)
     with pytest.raises(ConfigError, match="optimizer: 'perfml' needs perfml.optim"):
