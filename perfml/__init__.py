@@ -1,7 +1,8 @@
 """perfml: fused Triton and C++/CUDA kernels for PyTorch training and deployment."""
 
 from perfml import nn, ops
+from perfml.quant import quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "__version__"]
+__all__ = ["nn", "ops", "quantize", "__version__"]
