@@ -96,7 +96,7 @@ def demo_args(tmp_path):
 
 def test_demo_trains_then_prints_the_table(only_tiny, demo_args, capsys):
     run_dir, argv = demo_args
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--bench"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("perfml demo: training the tiny Llama preset")
     assert f"run directory    {run_dir}" in out and "sample: 'def " in out
@@ -109,12 +109,12 @@ def test_demo_trains_then_prints_the_table(only_tiny, demo_args, capsys):
 def test_demo_without_the_benchmark(only_tiny, demo_args, capsys):
     _, argv = demo_args
     threads = torch.get_num_threads()
-    assert cli.main([*argv, "--no-bench", "--threads", "1"]) == 0
+    assert cli.main([*argv, "--threads", "1"]) == 0
     assert torch.get_num_threads() == threads  # the demo's thread count is its own
     out = capsys.readouterr().out
-    assert "sample: " in out and TINY not in out
+    assert "sample: " in out and TINY not in out and "perfml demo --bench" in out
 
 
 def test_demo_bad_setting_exits_2(capsys):
-    assert cli.main(["demo", "--device", "cpu", "--no-bench", "--set", "max_steps=-3"]) == 2
+    assert cli.main(["demo", "--device", "cpu", "--set", "max_steps=-3"]) == 2
     assert "max_steps must be >= 1, got -3" in capsys.readouterr().err
