@@ -1,0 +1,135 @@
+"""`perfml quantize RUN_DIR --method ...` and `perfml prune RUN_DIR --method ...`.
+
+Each loads the run's checkpoint, measures validation perplexity (the trainer's own evaluate(), the
+batches `perfml eval` uses), applies the pass, measures again, and writes a model directory
+(perfml/quant/model_dir.py) with the report: method, config, perplexity before/after, weight bytes,
+and for pruning the per-layer sparsity. `perfml.quant.model_dir.load_model_dir(DIR)` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+QUANT_METHODS = ("int8", "int4", "int8dyn", "fp8")
+PRUNE_METHODS = ("magnitude", "structured", "2:4")
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by perfml train")
+    p.add_argument("--checkpoint", default="latest", help="latest (default), best, or a directory")
+    p.add_argument("--out", metavar="DIR", help="the new model directory (default: RUN_DIR/NAME)")
+    p.add_argument("--batches", type=int, metavar="N", help="validation batches for perplexity")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+
+
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
+    _common_arguments(p)
+    p.add_argument("--method", required=True, choices=QUANT_METHODS)
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+
+
+def prune_arguments(p: argparse.ArgumentParser) -> None:
+    _common_arguments(p)
+    p.add_argument("--method", required=True, choices=PRUNE_METHODS)
+    p.add_argument("--amount", type=float, default=0.5, help="magnitude: fraction zeroed")
+    p.add_argument("--scope", choices=("layer", "global"), default="layer")
+    p.add_argument("--mlp-amount", type=float, default=0.25, help="structured: MLP channels cut")
+    p.add_argument("--head-amount", type=float, default=0.0, help="structured: head groups cut")
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    from perfml import quant
+
+    return {
+        "int8": quant.Int8WeightOnlyConfig,
+        "int4": lambda: quant.Int4WeightOnlyConfig(group_size=args.group_size),
+        "int8dyn": quant.Int8DynamicConfig,
+        "fp8": quant.Float8Config,
+    }[args.method]()
+
+
+def _prune_config(args: argparse.Namespace) -> Any:
+    from perfml import sparsity
+
+    if args.method == "magnitude":
+        return sparsity.MagnitudeConfig(amount=args.amount, scope=args.scope)
+    if args.method == "structured":
+        return sparsity.StructuredConfig(mlp_amount=args.mlp_amount, head_amount=args.head_amount)
+    return sparsity.SemiStructured24Config(accelerate=False)  # saved dense; convert on load
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers (what the state_dict stores, tied weights once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _run(args: argparse.Namespace, pass_name: str) -> int:
+    from perfml import quant, sparsity
+    from perfml.cli import UsageError, _device, _train_errors
+    from perfml.quant import model_dir
+
+    device = _device(args.device)
+    try:
+        config = _quant_config(args) if pass_name == "quantize" else _prune_config(args)
+        model, meta = model_dir.load_run(args.run_dir, args.checkpoint)
+        before = model_dir.run_perplexity(model, args.run_dir, device=device, batches=args.batches)
+        bytes_before = weight_bytes(model)
+        start = time.perf_counter()
+        if pass_name == "quantize":
+            quant.quantize(model, config)
+        else:
+            sparsity.prune(model, config)
+        seconds = time.perf_counter() - start
+        after = model_dir.run_perplexity(model, args.run_dir, device=device, batches=args.batches)
+    except (*_train_errors(), quant.QuantizationError, sparsity.PruningError) as exc:
+        raise UsageError(str(exc)) from None
+    report: dict[str, Any] = {
+        "method": args.method,
+        "config": model_dir.describe_config(pass_name, config),
+        "source": str(Path(args.run_dir)),
+        "step": meta.get("step"),
+        "before": before,
+        "after": after,
+        "weight_bytes_before": bytes_before,
+        "weight_bytes_after": weight_bytes(model),
+        "pass_seconds": seconds,
+    }
+    if pass_name == "prune":
+        report["sparsity"] = sparsity.sparsity_report(model)
+    name = f"{pass_name}d-{args.method.replace(':', '')}"
+    out = Path(args.out) if args.out else Path(args.run_dir) / name
+    model_dir.save_model_dir(
+        model.cpu(),
+        out,
+        model_config=meta["model_config"],
+        passes=[report["config"]],
+        report=report,
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"{pass_name} {args.method}: perplexity {before['ppl']:.3f} -> {after['ppl']:.3f} "
+        f"(val loss {before['val_loss']:.4f} -> {after['val_loss']:.4f}); weights "
+        f"{bytes_before / 2**20:.2f} -> {report['weight_bytes_after'] / 2**20:.2f} MiB; "
+        f"written to {out}"
+    )
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    return _run(args, "quantize")
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    return _run(args, "prune")
