@@ -5,6 +5,7 @@ from perfml.bench.cases import (
     cross_entropy,  # noqa: F401
     layer_norm,  # noqa: F401
     linear_cross_entropy,  # noqa: F401
+    quant_matmul,  # noqa: F401
     rms_norm,  # noqa: F401
     rope,  # noqa: F401
     softmax,  # noqa: F401
