@@ -245,10 +245,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 # The demo run, the same settings as configs/tiny.yaml: the tiny preset on the standard library's
 # source, byte-level, 300 steps of 16 x 128 tokens: 71 s of CPU time, 142 s of wall time on a
-# 2-core machine that other jobs kept busy (load 6), val loss 5.6 -> 1.74. On CPU it trains with
-# one intra-op thread (--threads) so its time stays predictable: on that busy machine OpenMP's
-# spinning workers made a two-thread step of this 128-wide model 2.5x slower than a one-thread
-# one (0.49 s against 0.20 s).
+# 2-core machine that other jobs kept busy (load 6); loss 5.28 at step 1, val loss 1.74 at the
+# end. On CPU it trains with one intra-op thread (--threads) so its time stays predictable: on
+# that busy machine OpenMP's spinning workers made a two-thread step of this 128-wide model 2.5x
+# slower than a one-thread one (0.49 s against 0.20 s).
 DEMO_SETTINGS: dict[str, Any] = {
     "model": "tiny",
     "fused": True,

@@ -1,6 +1,7 @@
 """DDP and FSDP2 through torchrun: two CPU processes (gloo) against one process on the same global
 batch, checkpoints written once by rank 0 and loadable anywhere, FSDP resume."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -67,3 +68,11 @@ def test_two_processes_equal_one_on_the_same_global_batch(make_config, tmp_path,
         after = read_rows(tmp_path / parallel)
         assert [r["step"] for r in after] == [1, 2, 3, 4]
         assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in before], rel=1e-6)
+
+    # the same checkpoint resumes in one process with the same global batch
+    one = dataclasses.replace(config, batch_size=4, parallel="ddp")
+    Trainer(one, resume=tmp_path / parallel / "checkpoints" / "step-00000002").fit()
+    resumed = read_rows(tmp_path / parallel)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    single_losses = [r["loss"] for r in read_rows(single.run_dir)]
+    assert [r["loss"] for r in resumed] == pytest.approx(single_losses, rel=1e-5)
