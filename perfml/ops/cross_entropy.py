@@ -600,6 +600,9 @@ def _setup_context(ctx, inputs, output):
     else:  # only the gradient: the logits can be freed right after the forward
         ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    # The stored gradient is an output autograd would otherwise feed a [N, V] zeros tensor into
+    # the backward as "its" gradient: an allocation and a memset the size of the logits.
+    ctx.set_materialize_grads(False)
 
 
 def row_upstream(dloss: Tensor, target: Tensor, reduction: str, ignore_index: int) -> Tensor:
@@ -612,6 +615,8 @@ def row_upstream(dloss: Tensor, target: Tensor, reduction: str, ignore_index: in
 
 
 def _backward(ctx, dloss, _dgrad):
+    if dloss is None:  # the loss took no part in what was differentiated
+        return (None,) * 8
     if ctx.recompute:
         logits, target = ctx.saved_tensors
         if ctx.reduction != "none":

@@ -378,6 +378,9 @@ def _setup_context(ctx, inputs, output):
     else:  # only the gradients: nothing of the forward's inputs is held for the backward
         ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
+    # Without this autograd feeds zeros shaped like hidden, weight and bias into the backward as
+    # the stored gradients' "gradients": a weight-sized allocation and memset on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _scale(grad: Tensor, dloss: Tensor, dtype: torch.dtype) -> Tensor:
@@ -390,6 +393,8 @@ def _scale(grad: Tensor, dloss: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _backward(ctx, dloss, _gh, _gw, _gb):
+    if dloss is None:  # the loss took no part in what was differentiated
+        return (None,) * 14
     need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
     if ctx.recompute:
         hidden, weight, target, bias = ctx.saved_tensors

@@ -538,3 +538,21 @@ def test_compile_inductor_with_backward():
     f(h, w).backward()
     torch.testing.assert_close(gh, h.grad)
     torch.testing.assert_close(gw, w.grad)
+
+
+def test_backward_allocates_no_zeros_for_the_stored_gradient():
+    # The stored gradient is a second output of the forward op; autograd must not hand the
+    # backward a logits-sized zeros tensor for it.
+    from torch.profiler import profile
+
+    logits = torch.randn(16, 777, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 777, (16,), device=DEVICE)
+    with profile(record_shapes=True) as prof:
+        cross_entropy(logits, target).backward()
+    big = [
+        e.name
+        for e in prof.events()
+        if e.name in ("aten::zero_", "aten::zeros", "aten::fill_")
+        and any(list(s) == [16, 777] for s in e.input_shapes if s)
+    ]
+    assert not big, f"logits-sized zero fills in the backward: {big}"
