@@ -22,10 +22,10 @@ $(STAMP): $(BUILD_INPUTS)
 	$(MAKE) install
 
 # The unit tests (Triton kernels in interpret mode on CPU), then one pass of the benchmark
-# suite with timing off, so the benchmarks cannot rot unnoticed.
+# suite (quick sizes, timing off), so the benchmarks cannot rot unnoticed.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q --durations=10
-	$(BIN)/python -m pytest benchmarks -q --benchmark-disable
+	$(BIN)/python -m pytest benchmarks -q --benchmark-disable --perfml-quick
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -q -m "not slow"
