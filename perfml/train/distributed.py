@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from perfml.train.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -51,7 +53,7 @@ def setup(device: str = "auto") -> tuple[DistEnv, bool]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device: cuda was asked for but no CUDA device is available")
+            raise ConfigError("device: cuda was asked for but no CUDA device is available")
         torch_device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(torch_device)
     else:

@@ -6,7 +6,7 @@ grad_norm, tokens_per_s, mfu, tokens, elapsed_s) and one per evaluation (`split:
 loss, ppl). On resume, rows after the checkpoint's step (written by the interrupted run after its
 last checkpoint) are dropped first, so the logged curve is the one an uninterrupted run would have
 written. TensorBoard gets the same effect through `purge_step`. MLflow is imported only when asked
-for, so it stays an optional extra.
+for, so it stays an optional extra. JSON has no inf or nan: metrics.jsonl writes them as null.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ class JSONLLogger(Logger):
         self._file = open(self.path, "a")  # noqa: SIM115 (held open for the run, closed in close())
 
     def log(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        # JSON has no inf/nan (a skipped fp16 step's grad norm, a diverged loss): null instead
+        row = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+        }
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -62,7 +66,7 @@ class TensorBoardLogger(Logger):
         self._writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
 
     def log(self, row: dict[str, Any]) -> None:
-        split = row.get("split", "train")
+        split = row["split"]
         for key, value in _scalars(row).items():
             self._writer.add_scalar(f"{split}/{key}", value, row["step"])
 
@@ -90,7 +94,7 @@ class MLflowLogger(Logger):
             self._mlflow.log_params({k: str(v) for k, v in config.items()})
 
     def log(self, row: dict[str, Any]) -> None:
-        split = row.get("split", "train")
+        split = row["split"]
         metrics = {f"{split}/{k}": v for k, v in _scalars(row).items()}
         self._mlflow.log_metrics(metrics, step=row["step"])
 
@@ -163,8 +167,10 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if r.get("split", "train") == "train"]
-    val = [(r["step"], r["loss"]) for r in rows if r.get("split") == "val"]
+    train = [
+        (r["step"], r["loss"]) for r in rows if r["split"] == "train" and r["loss"] is not None
+    ]
+    val = [(r["step"], r["loss"]) for r in rows if r["split"] == "val" and r["loss"] is not None]
     fig = Figure(figsize=(7, 4), dpi=110)
     ax = fig.subplots()
     if train:

@@ -372,9 +372,10 @@ class Trainer:
             distributed.barrier(self.env)
         self.model_config = model_config(config, self.data.tokenizer.vocab_size)
         self.model = self._build_model()
-        self.train_module = distributed.wrap(self.model, config.parallel, self.env)
-        if config.compile:
-            self.train_module = torch.compile(self.train_module)
+        # model: the weights (state dicts); wrapped: DDP / FSDP (gradient sync); train_module:
+        # what the step calls, compiled when asked
+        self.wrapped = distributed.wrap(self.model, config.parallel, self.env)
+        self.train_module = torch.compile(self.wrapped) if config.compile else self.wrapped
         self.optimizer = self._build_optimizer()
         self.scheduler = build_scheduler(
             self.optimizer,
@@ -547,7 +548,7 @@ class Trainer:
     def _train_step(self) -> tuple[float, float, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, lr)."""
         micro = [next(self.loader) for _ in range(self.config.grad_accum)]
-        device, module = self.device, self.train_module
+        device = self.device
         # the step's token count over all micro-batches and ranks, before any backward: every
         # micro-batch's summed loss is divided by it (times world_size: DDP/FSDP average grads)
         local_tokens = sum(int((labels != -100).sum()) for _, labels in micro)
@@ -560,9 +561,9 @@ class Trainer:
             input_ids = input_ids.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             last = i == len(micro) - 1
-            with distributed.gradient_sync(module, enabled=last):
+            with distributed.gradient_sync(self.wrapped, enabled=last):
                 with _autocast(device, self.precision):
-                    micro_loss = module(input_ids, labels, reduction="sum")
+                    micro_loss = self.train_module(input_ids, labels, reduction="sum")
                 self.scaler.scale(micro_loss.float() * scale).backward()
             loss_sum += micro_loss.detach().double()
         self.scaler.unscale_(self.optimizer)

@@ -518,3 +518,9 @@ def test_progress_bar_shows_loss_speed_mfu_and_eta(make_config, capsys):
     assert "3/3" in last and "loss " in last and " tok/s" in last and "MFU " in last
     assert "<00:00" in last  # the remaining-time estimate
     assert "step 3: val loss " in captured.out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
+def test_cuda_without_cuda_is_a_config_error(make_config):
+    with pytest.raises(ConfigError, match="device: cuda was asked for but no CUDA device"):
+        Trainer(make_config(device="cuda")).fit()
