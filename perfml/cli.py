@@ -373,7 +373,18 @@ COMMANDS: dict[str, Command] = {
         lambda p: _quant_commands().prune_arguments(p),
         lambda args: _quant_commands().run_prune(args),
     ),
+    "export": Command(
+        "export a run's model to ONNX, checked against PyTorch in onnxruntime",
+        lambda p: _export_commands().add_arguments(p),
+        lambda args: _export_commands().run(args),
+    ),
 }
+
+
+def _export_commands():
+    from perfml.export import commands
+
+    return commands
 
 
 def _quant_commands():
