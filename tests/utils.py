@@ -28,17 +28,23 @@ def assert_matches_reference(
 ) -> None:
     """`actual` (any dtype) vs the float64 reference `ref64`; `baseline` is the plain-PyTorch
     result in actual's dtype (required for bf16/fp16)."""
-    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    assert actual.shape == ref64.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    )
     finite = torch.isfinite(ref64)
     bad = finite & ~torch.isfinite(actual.double())
-    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values where the reference is finite"
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} non-finite values where the reference is finite"
+    )
     scale = ref64.abs().max().item() if ref64.numel() else 0.0
     err = max_err(actual, ref64)
     if actual.dtype in (torch.float32, torch.float64):
         limit = FP32_RTOL * max(scale, 1e-30)
         if baseline is not None:
             limit = max(limit, 2 * max_err(baseline, ref64))
-        assert err <= limit, f"{name}: max abs error {err:.3e} > {limit:.3e} (fp32 rtol {FP32_RTOL})"
+        assert err <= limit, (
+            f"{name}: max abs error {err:.3e} > {limit:.3e} (fp32 rtol {FP32_RTOL})"
+        )
         return
     assert baseline is not None, f"{name}: a {actual.dtype} check needs the same-dtype baseline"
     base_err = max_err(baseline, ref64)

@@ -264,7 +264,6 @@ if _backend.has_triton():
 # --- 3. launchers ----------------------------------------------------------------------------
 
 
-
 def _layer_norm_fwd_triton(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -96,7 +96,9 @@ if _backend.has_triton():
     import triton.language as tl
 
     @triton.jit
-    def _rms_norm_scale(x, rstd, w, X_DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, CAST: tl.constexpr):
+    def _rms_norm_scale(
+        x, rstd, w, X_DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, CAST: tl.constexpr
+    ):
         normed = x * rstd
         if HAS_WEIGHT:
             if CAST == 0:  # llama: round the normalized row to x's dtype before the weight
@@ -186,7 +188,9 @@ if _backend.has_triton():
                 row = row_start + i
                 row_mask = mask & (row < M)  # the last program's block may run past M
                 x = tl.load(X + row * x_row_stride + cols, mask=row_mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * dy_row_stride + cols, mask=row_mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * dy_row_stride + cols, mask=row_mask, other=0.0).to(
+                    tl.float32
+                )
                 rstd = tl.load(RSTD + row, mask=row < M, other=0.0)
                 wdy = dy
                 if HAS_WEIGHT:
@@ -207,7 +211,9 @@ if _backend.has_triton():
                     cols = start + tl.arange(0, BLOCK_N)
                     mask = (cols < N) & (row < M)
                     x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(
+                        tl.float32
+                    )
                     if HAS_WEIGHT:
                         dy = dy * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset)
                     acc += dy * x
@@ -216,7 +222,9 @@ if _backend.has_triton():
                     cols = start + tl.arange(0, BLOCK_N)
                     mask = (cols < N) & (row < M)
                     x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-                    dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(
+                        tl.float32
+                    )
                     wdy = dy
                     if HAS_WEIGHT:
                         wdy = dy * (tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset)
@@ -242,9 +250,19 @@ def _rms_norm_fwd_triton(
         one_tile = triton.next_power_of_2(n) <= _FWD_ONE_TILE_MAX
         block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
         _rms_norm_fwd_kernel[(m,)](
-            x2, y, weight if weight is not None else x2, rstd,
-            x2.stride(0), y.stride(0), n, eps, offset,
-            HAS_WEIGHT=weight is not None, CAST=cast, BLOCK_N=block, ONE_TILE=one_tile,
+            x2,
+            y,
+            weight if weight is not None else x2,
+            rstd,
+            x2.stride(0),
+            y.stride(0),
+            n,
+            eps,
+            offset,
+            HAS_WEIGHT=weight is not None,
+            CAST=cast,
+            BLOCK_N=block,
+            ONE_TILE=one_tile,
             num_warps=num_warps(block),
         )
     return y.view(x.shape), rstd.view(x.shape[:-1])
@@ -269,9 +287,23 @@ def _rms_norm_bwd_triton(
     alloc = torch.empty if one_tile else torch.zeros
     partial = alloc((programs, n) if compute_dw else (1, 1), dtype=torch.float32, device=x.device)
     _rms_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight if weight is not None else x2, rstd.reshape(-1).contiguous(), dx, partial,
-        dy2.stride(0), x2.stride(0), dx.stride(0), m, n, offset, rows_per_program,
-        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, BLOCK_N=block, ONE_TILE=one_tile,
+        dy2,
+        x2,
+        weight if weight is not None else x2,
+        rstd.reshape(-1).contiguous(),
+        dx,
+        partial,
+        dy2.stride(0),
+        x2.stride(0),
+        dx.stride(0),
+        m,
+        n,
+        offset,
+        rows_per_program,
+        HAS_WEIGHT=weight is not None,
+        COMPUTE_DW=compute_dw,
+        BLOCK_N=block,
+        ONE_TILE=one_tile,
         num_warps=warps,
     )
     dw = partial.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)

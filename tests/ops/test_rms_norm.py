@@ -74,7 +74,7 @@ def test_matches_float64_reference(shape, layout, has_weight, cast, offset, dtyp
     want = _run_and_grad(ref, x.double(), w.double() if w is not None else None, dy)
     base = _run_and_grad(ref, x, w, dy)  # the same math in plain PyTorch, in `dtype`
     assert got[0].dtype == dtype
-    for name, g, r, b in zip(("y", "dx", "dw"), got, want, base):
+    for name, g, r, b in zip(("y", "dx", "dw"), got, want, base, strict=True):
         if r is None:
             assert g is None
             continue
@@ -92,7 +92,7 @@ def test_long_rows_take_the_looped_kernel(dtype, poison_empty):
     got = _run_and_grad(rms_norm, x, w, dy)
     want = _run_and_grad(rms_norm_ref, x.double(), w.double(), dy)
     base = _run_and_grad(rms_norm_ref, x, w, dy)
-    for name, g, r, b in zip(("y", "dx", "dw"), got, want, base):
+    for name, g, r, b in zip(("y", "dx", "dw"), got, want, base, strict=True):
         assert_matches_reference(g, r, b, name=name)
 
 
@@ -129,7 +129,10 @@ def test_none_cast_matches_functional_rms_norm():
     x = torch.randn(4, 3, 80, device=DEVICE, dtype=torch.float16)
     w = torch.randn(80, device=DEVICE, dtype=torch.float16)
     torch.testing.assert_close(
-        rms_norm(x, w, eps=1e-5, cast="none"), F.rms_norm(x, (80,), w, eps=1e-5), rtol=2e-3, atol=1e-5
+        rms_norm(x, w, eps=1e-5, cast="none"),
+        F.rms_norm(x, (80,), w, eps=1e-5),
+        rtol=2e-3,
+        atol=1e-5,
     )
 
 
@@ -272,7 +275,7 @@ def test_llm_shape_on_gpu():
     got = _run_and_grad(rms_norm, x, w, dy)
     want = _run_and_grad(rms_norm_ref, x.double(), w.double(), dy)
     base = _run_and_grad(rms_norm_ref, x, w, dy)
-    for name, g, r, b in zip(("y", "dx", "dw"), got, want, base):
+    for name, g, r, b in zip(("y", "dx", "dw"), got, want, base, strict=True):
         assert_matches_reference(g, r, b, name=name)
 
 
