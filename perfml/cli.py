@@ -71,6 +71,13 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impls", type=_csv, help="comma-separated impl names (default: all)")
     p.add_argument("--shapes", type=_shapes, help="override the case sizes, e.g. 4096x4096")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="bench-results/plots",
+        metavar="DIR",
+        help="write one GB/s-vs-size PNG per op (default DIR: bench-results/plots)",
+    )
 
 
 def _list_cases(device: torch.device) -> None:
@@ -106,6 +113,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.out:
         print(f"appended {len(rows)} rows to {args.out}", file=sys.stderr)
     print(bench.render_table(rows))
+    if args.plot:
+        from perfml.bench.plot import plot_rows
+
+        for path in plot_rows(rows, args.plot):
+            print(f"plot: {path}", file=sys.stderr)
     return 0
 
 
@@ -378,11 +390,22 @@ COMMANDS: dict[str, Command] = {
         lambda p: _export_commands().add_arguments(p),
         lambda args: _export_commands().run(args),
     ),
+    "profile": Command(
+        "profile forward passes (--model) or training steps (--config): HTML report + trace",
+        lambda p: _profile_commands().add_arguments(p),
+        lambda args: _profile_commands().run(args),
+    ),
 }
 
 
 def _export_commands():
     from perfml.export import commands
+
+    return commands
+
+
+def _profile_commands():
+    from perfml.profile import commands
 
     return commands
 

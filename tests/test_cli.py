@@ -49,6 +49,16 @@ def test_bench_options_reach_the_run(only_tiny, capsys):
     assert "fwd+bwd" not in out and "  perfml " not in out
 
 
+def test_bench_plot_writes_one_png_per_case_and_mode(only_tiny, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    argv = ["bench", TINY, "--quick", "--device", "cpu", "--plot", str(plots)]
+    assert cli.main(argv) == 0
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == [f"{TINY}-float32-fwd+bwd.png", f"{TINY}-float32-fwd.png"]
+    assert all((plots / n).read_bytes().startswith(b"\x89PNG") for n in names)
+    assert f"plot: {plots / names[0]}" in capsys.readouterr().err
+
+
 def test_unknown_case_exits_2_listing_known_cases(capsys):
     assert cli.main(["bench", "no_such_case", "--device", "cpu"]) == 2
     err = capsys.readouterr().err

@@ -376,3 +376,11 @@ def test_cli_export_of_a_missing_run_exits_2(tmp_path, capsys):
     code = cli.main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "m.onnx")])
     assert code == 2
     assert "no checkpoint found" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_model_exports_and_matches_onnxruntime_cpu(tmp_path):
+    model = Llama(LlamaConfig.preset("tiny", fused=True)).cuda()
+    ids = torch.randint(0, 257, (2, 16), device="cuda")
+    report = to_onnx(model, (ids,), tmp_path / "cuda.onnx")
+    assert report.parity.ok and report.perfml_ops["perfml::rope_fwd"] == 4
