@@ -125,10 +125,11 @@ class PatchReport:
     def __str__(self) -> str:
         arch = ", ".join(self.architectures) or "no Hugging Face model found"
         lines = [f"perfml.patch: {arch}"]
-        if self.noop:
+        if self.already_patched:
+            changed = "nothing changed" if self.noop else "kept as they are"
             lines.append(
-                f"  already patched: {len(self.already_patched)} swaps; nothing changed "
-                "(perfml.unpatch first to patch with other switches)"
+                f"  already patched: {len(self.already_patched)} swaps, {changed} "
+                "(perfml.unpatch first to turn a kind off)"
             )
         lines += _section("replaced", self.replaced)
         lines += _section("left", self.left)
@@ -690,8 +691,10 @@ def patch(
     linear_cross_entropy: bool = True,
 ) -> PatchReport:
     """Swap perfml's fused kernels into `model` in place (see the module docstring); returns the
-    report of what was replaced and what was left. Patching a patched model changes nothing
-    (the report says so); `unpatch` restores the original."""
+    report of what was replaced and what was left. A module swapped before stays as it is, so
+    the same call twice changes nothing (the report says so) and a later call with more
+    switches on swaps only the modules earlier calls left alone; `unpatch` restores the
+    original."""
     switches = dict(
         rms_norm=rms_norm,
         layer_norm=layer_norm,
