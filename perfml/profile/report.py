@@ -54,8 +54,8 @@ SPLIT_DEFINITIONS = {
 MEMORY_NOTES = {
     "cuda": "the caching allocator's allocated bytes (weights included); peak from "
     "torch.cuda.max_memory_allocated over the profiled loop",
-    "cpu": "bytes allocated during the profiled steps net of frees (tensors alive before "
-    "the window, such as the weights, are not counted); peak is the highest point",
+    "cpu": "bytes allocated during the profiled steps, net of frees; tensors alive before "
+    "the window, such as the weights, are not counted; peak is the highest point",
 }
 
 
@@ -144,6 +144,13 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _sig(value: float | None) -> str:
+    """Three significant digits without exponents for big numbers (2765, 41.2, 0.0123)."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
 def _header_rows(r: ProfileReport) -> list[tuple[str, str]]:
     from perfml.bench.env import git_commit
 
@@ -194,11 +201,11 @@ def _roofline_cells(r: RooflineRow) -> list[str]:
         r.dtype,
         str(r.calls),
         f"{r.ms_per_call:.4g}",
-        _num(r.bytes_per_call and r.bytes_per_call / 2**20, ".3g"),
-        _num(r.gbps, ".1f"),
-        _num(r.pct_of_copy, ".1f"),
-        _num(r.tflops, ".3g"),
-        _num(r.pct_of_matmul, ".1f"),
+        _sig(r.bytes_per_call / 2**20 if r.bytes_per_call is not None else None),
+        _sig(r.gbps),
+        _sig(r.pct_of_copy),
+        _sig(r.tflops),
+        _sig(r.pct_of_matmul),
     ]
 
 

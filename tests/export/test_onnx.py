@@ -199,11 +199,19 @@ def test_every_op_translation_matches_pytorch(tmp_path, dtype, opset):
 
 
 def test_int8_weight_only_llama_exports_as_dequantize_linear_matmul(tmp_path):
+    """A model directory written after `perfml quantize` (int8 weight-only) exports through
+    the same loader as `perfml export`, its matmuls as QDQ, and runs in onnxruntime."""
     from perfml import quant
+    from perfml.quant.model_dir import describe_config, save_model_dir
 
-    model = Llama(LlamaConfig.preset("tiny", num_layers=1))
+    config = LlamaConfig.preset("tiny", num_layers=1)
+    model = Llama(config)
     quant.quantize(model, quant.Int8WeightOnlyConfig())
-    report = to_onnx(model, (torch.randint(0, 257, (2, 8)),), tmp_path / "q.onnx")
+    passes = [describe_config("quantize", quant.Int8WeightOnlyConfig())]
+    model_dir = save_model_dir(
+        model, tmp_path / "int8", model_config=config.to_dict(), passes=passes, report={}
+    )
+    report = export_onnx.export_run(model_dir, tmp_path / "q.onnx", batch=2, seq=8)
     assert report.perfml_ops["perfml::w8a16_mm"] == 7
     assert report.parity.ok
     graph = onnx.load(str(report.path)).graph

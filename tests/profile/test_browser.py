@@ -56,11 +56,10 @@ def _run(browser: str, profile_dir, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def load_in_browser(html_path, tmp_path) -> dict:
+def load_in_browser(browser, html_path, tmp_path) -> dict:
     """Open a copy of the page with the probe added, in one browser run that dumps the DOM
     after load and takes a 1280x2000 screenshot; returns the console lines, the probe's
     findings and the screenshot's pixels."""
-    browser = _chromium()
     probed = tmp_path / "probed.html"
     probed.write_text(html_path.read_text().replace("</head>", _PROBE + "</head>", 1))
     shot = tmp_path / "shot.png"
@@ -82,7 +81,12 @@ def _not_blank(pixels: np.ndarray) -> tuple[float, int]:
 
 
 @pytest.fixture(scope="module")
-def report_page(tmp_path_factory):
+def browser():
+    return _chromium()
+
+
+@pytest.fixture(scope="module")
+def report_page(browser, tmp_path_factory):
     out = tmp_path_factory.mktemp("browser")
     profile_forward(
         "tiny", out, steps=1, wait=0, warmup=1, device="cpu", batch=2, seq=8,
@@ -91,8 +95,8 @@ def report_page(tmp_path_factory):
     return out / "report.html"
 
 
-def test_report_loads_cleanly_in_chromium(report_page, tmp_path):
-    seen = load_in_browser(report_page, tmp_path)
+def test_report_loads_cleanly_in_chromium(browser, report_page, tmp_path):
+    seen = load_in_browser(browser, report_page, tmp_path)
     assert seen["console"] == []
     assert seen["attrs"]["errors"] == ""
     assert int(seen["attrs"]["images"]) >= 4 and seen["attrs"]["broken"] == ""
@@ -101,7 +105,7 @@ def test_report_loads_cleanly_in_chromium(report_page, tmp_path):
     assert non_white > 0.03 and colors > 100
 
 
-def test_the_browser_check_catches_a_broken_page(report_page, tmp_path):
+def test_the_browser_check_catches_a_broken_page(browser, report_page, tmp_path):
     page = report_page.read_text()
     bad = tmp_path / "bad.html"
     bad.write_text(
@@ -111,6 +115,6 @@ def test_the_browser_check_catches_a_broken_page(report_page, tmp_path):
             '<script>console.error("boom")</script></body>',
         )
     )
-    seen = load_in_browser(bad, tmp_path)
+    seen = load_in_browser(browser, bad, tmp_path)
     assert any('"boom"' in line for line in seen["console"])
     assert seen["attrs"]["broken"] == "truncated"
