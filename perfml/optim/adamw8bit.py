@@ -55,6 +55,7 @@ MIN_QUANTIZED_NUMEL = 4096
 _SIGNED_OFFSET = 895  # code 1 <-> fp32 bits (896 << 20) = 2**-15
 _UNSIGNED_OFFSET = 761  # code 255 <-> (1016 << 20) = 1.0
 _QUANTIZED_KEYS = ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax")
+_REF_SLICE = 1 << 20  # elements per slice of the reference update (a multiple of BLOCK_SIZE)
 
 
 # --- 1. reference ----------------------------------------------------------------------------
@@ -120,29 +121,42 @@ def adamw8bit_ref(
     found_inf: Tensor | None = None,
 ) -> None:
     """One AdamW8bit step of one quantized parameter, in place, in plain PyTorch: the definition
-    of correct. state holds step and the four quantized tensors (see the module doc)."""
+    of correct. state holds step and the four quantized tensors (see the module doc).
+
+    The update runs over slices of _REF_SLICE elements (whole quantization blocks, so the result
+    is the same as in one piece), which bounds its fp32 temporaries to a few MiB whatever the
+    tensor's size and writes the state in place."""
     if found_inf is not None and float(found_inf) != 0.0:
         return
     lr = float(lr)
     state["step"].add_(1)
     k = float(state["step"])
-    g = grad.float()
+    g_all = grad.detach().reshape(-1).float()
     if grad_scale is not None:
-        g = g / float(grad_scale)
-        grad.copy_(g)
-    if maximize:
-        g = -g
-    g = g.reshape(-1)
-    m = dequantize_blockwise(state["exp_avg_q"], state["exp_avg_absmax"], signed=True)
-    v = dequantize_blockwise(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], signed=False)
-    w = param.float().reshape(-1) * (1.0 - lr * weight_decay)
-    m = m * beta1 + g * (1.0 - beta1)
-    v = v * beta2 + g * g * (1.0 - beta2)
-    denom = v.sqrt() / math.sqrt(1.0 - beta2**k) + eps
-    w = w - lr / (1.0 - beta1**k) * (m / denom)
-    param.copy_(w.view(param.shape))
-    state["exp_avg_q"], state["exp_avg_absmax"] = quantize_blockwise(m, signed=True)
-    state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_blockwise(v, signed=False)
+        g_all = g_all / float(grad_scale)
+        grad.copy_(g_all.view(grad.shape))
+    w_all = param.detach().reshape(-1).float()  # a view of an fp32 contiguous param
+    decay, step_size = 1.0 - lr * weight_decay, lr / (1.0 - beta1**k)
+    bc2_sqrt = math.sqrt(1.0 - beta2**k)
+    qm, am = state["exp_avg_q"], state["exp_avg_absmax"]
+    qv, av = state["exp_avg_sq_q"], state["exp_avg_sq_absmax"]
+    n = w_all.numel()
+    for start in range(0, n, _REF_SLICE):
+        end = min(n, start + _REF_SLICE)
+        blocks = slice(start // BLOCK_SIZE, math.ceil(end / BLOCK_SIZE))
+        g = -g_all[start:end] if maximize else g_all[start:end]
+        m = dequantize_blockwise(qm[start:end], am[blocks], signed=True)
+        v = dequantize_blockwise(qv[start:end], av[blocks], signed=False)
+        w = w_all[start:end] * decay
+        m = m * beta1 + g * (1.0 - beta1)
+        v = v * beta2 + g * g * (1.0 - beta2)
+        w_all[start:end] = w - step_size * (m / (v.sqrt() / bc2_sqrt + eps))
+        codes, absmax = quantize_blockwise(m, signed=True)
+        qm[start:end], am[blocks] = codes, absmax
+        codes, absmax = quantize_blockwise(v, signed=False)
+        qv[start:end], av[blocks] = codes, absmax
+    if w_all.data_ptr() != param.data_ptr():
+        param.copy_(w_all.view(param.shape))
 
 
 # --- 2. Triton kernels -----------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Built-in benchmark cases, one file per op; importing this package registers them all."""
 
 from perfml.bench.cases import (
+    adamw,  # noqa: F401
     add_rms_norm,  # noqa: F401
     cross_entropy,  # noqa: F401
     hf_train_step,  # noqa: F401
