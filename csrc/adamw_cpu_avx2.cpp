@@ -9,6 +9,7 @@
 #ifdef PERFML_HAVE_AVX2_KERNELS
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

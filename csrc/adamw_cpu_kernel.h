@@ -5,13 +5,14 @@
 //
 // The update is a pure stream: each element of param, grad, exp_avg and exp_avg_sq is read once
 // and written once (grad only when unscaling), so the loop is built to keep the memory system
-// busy: the host cuts every tensor into pieces of a fixed size, at::parallel_for hands the pieces
-// of all tensors out together (one fork for the whole step, no per-tensor thread wake-ups, small
-// tensors batched with large ones), and each piece runs one vectorized pass. bf16/fp16 arrays are
+// busy: the host cuts every tensor into pieces of a fixed size, one parallel region hands the
+// pieces of all tensors out (no per-tensor thread wake-ups or barriers, small tensors batched
+// with large ones), and each piece runs one vectorized pass. bf16/fp16 arrays are
 // widened to fp32 in registers, one vector at a time; all math is fp32.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -185,9 +186,13 @@ RangeFn pick(const AdamWCpuTensor& t) {
 } // namespace
 
 void adamw_cpu_kernel(const AdamWCpuArgs& args) {
-  // One piece per task: the pieces are large enough (see adamw_cpu.cpp) to be worth a thread.
-  at::parallel_for(0, args.num_pieces, 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
+  // One parallel region for the whole step; inside it each thread takes the next piece from a
+  // shared counter rather than a fixed share, so a thread the OS preempts (a busy machine) holds
+  // up one piece, not half of the step. Which thread runs a piece never changes its result.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), args.num_pieces);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1); k < args.num_pieces; k = next.fetch_add(1)) {
       const AdamWCpuPiece& piece = args.pieces[k];
       const AdamWCpuTensor& t = args.tensors[piece.tensor];
       const RangeFn fn = args.unscale ? pick<true>(t) : pick<false>(t);

@@ -587,6 +587,7 @@ class AdamW(FusedOptimizer):
             group.setdefault("fused", None)
             group["decoupled_weight_decay"] = True
 
+    @torch.compiler.disable  # raw pointers and extension calls: a clean graph break
     @torch.no_grad()
     def step(
         self,

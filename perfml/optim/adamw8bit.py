@@ -435,6 +435,7 @@ class AdamW8bit(FusedOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("amsgrad", False)
 
+    @torch.compiler.disable  # raw pointers and extension calls: a clean graph break
     @torch.no_grad()
     def step(
         self,

@@ -590,3 +590,25 @@ def test_capturable_refuses_the_synchronizing_path():
     opt = AdamW([p], capturable=True, backend="reference")
     with pytest.raises(RuntimeError, match="capturable=True"):
         opt.step()
+
+
+def test_step_inside_torch_compile():
+    """A compiled training step may call our step(): it runs eagerly behind a clean graph break,
+    and the training matches the uncompiled one."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = AdamW(model.parameters(), lr=1e-2)
+
+        def train_step(x, model=model, opt=opt):
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        fn = torch.compile(train_step, backend="eager") if compiled else train_step
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+        results.append([fn(x).item() for _ in range(5)])
+    assert results[0] == results[1] and results[0][-1] < results[0][0]
