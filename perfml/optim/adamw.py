@@ -18,8 +18,8 @@ Kernels (see _common.py for how the backend is chosen):
             the launch, 16-byte vector loads; one launch per dtype group (more only past ~70
             tensors per group).
   triton    _adamw_kernel below: the same chunked work over a table of raw addresses in device
-            memory (one launch per dtype group whatever the tensor count), cached by content so
-            a steady training loop copies no table after its first step.
+            memory (one launch per dtype group whatever the tensor count), cached by content:
+            a new table is copied only when some tensor's storage moved.
   cpu_ext   csrc/adamw_cpu*.cpp: one parallel region over 64K-element pieces of all tensors,
             at::vec vectorized (AVX2 build picked at run time).
 Step counters live on the parameter's device as fp32 tensors (torch's fused layout) and the
