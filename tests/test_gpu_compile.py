@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "gpu_compile_check.py"
 UNAVAILABLE = 77  # the script's exit status when it cannot compile for NVIDIA GPUs
 TIMEOUT_S = 600  # a hang guard: 3 minutes were measured on a loaded 2-core machine
 
@@ -36,8 +35,10 @@ pytestmark = pytest.mark.slow
 def report() -> dict:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # As a module from the repository root: run as a script, tests/ would head sys.path and
+    # tests/profile would shadow the standard library's `profile` (which torch._dynamo imports).
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT)],
+        [sys.executable, "-m", "tests.gpu_compile_check"],
         cwd=ROOT,
         env=env,
         capture_output=True,
