@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script a lent GPU machine runs: build the extension, run the test suite on the GPU
+# The one script a borrowed GPU machine runs: build the extension, run the test suite on the GPU
 # (gpu-marked tests included), run the benchmarks, and leave results and logs in $OUT.
 # It installs nothing: it uses the machine's python3 and its torch/triton, with the checkout on
 # PYTHONPATH. Every stage has its own time limit so the whole run stays under 8 minutes (150 + 120 + 150 + 60 s at most), and a
@@ -37,7 +37,7 @@ $PY -c "import perfml._backend as b; print('perfml._C:', b.extension_error() or 
 # GPU every kernel variant it touches would cost a JIT compile (minutes in all).
 stage tests 120 $PY -m pytest tests -q -m gpu --durations=15 -p no:cacheprovider \
   --ignore=tests/test_gpu_compile.py
-# --quick on CUDA: the headline shape of every case (the size sweeps take longer than a lent
+# --quick on CUDA: the headline shape of every case (the size sweeps take longer than a borrowed
 # machine allows); `perfml bench --device cuda` alone runs them.
 stage bench 150 $PY -m perfml bench --device cuda --quick --out "$OUT/bench.jsonl"
 stage pytest_benchmarks 60 $PY -m pytest benchmarks -q -p no:cacheprovider --perfml-quick \
