@@ -11,9 +11,10 @@ from torch import Tensor
 
 
 def rows(t: Tensor) -> Tensor:
-    """[..., N] -> [M, N] with a unit stride along N (a view when the strides allow it)."""
+    """[..., N] -> [M, N] with a unit stride along N (a view when the strides allow it; the
+    stride of a size-1 last dim is never used, so such a view is kept too)."""
     t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
 def num_warps(block: int) -> int:

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml.ops._launch import rows
 
 REDUCTIONS = ("mean", "sum", "none")
 _MAX_BLOCK_V = 16384  # vocab tile: 32 fp32 values per thread at 16 warps
@@ -374,12 +375,6 @@ def check_targets(t: Tensor, v: int, ignore_index: int, op: str) -> None:
         )
 
 
-def _rows(t: Tensor) -> Tensor:
-    """[..., V] -> [N, V] with a unit stride along V (a view when the strides allow it)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
-
-
 def grad_scale(t: Tensor, ignore_index: int, reduction: str) -> tuple[Tensor, Tensor]:
     """(gradient multiplier of each non-ignored row, number of non-ignored rows), both on the
     device: 1 / count for "mean" (1 when nothing counts: those gradients are all zero), else 1."""
@@ -399,7 +394,7 @@ def _cross_entropy_fwd_impl(
     z_loss: float,
     softcap: float | None,
 ) -> Tensor:
-    x2 = _rows(logits)
+    x2 = rows(logits)
     t = target.reshape(-1)
     check_targets(t, x2.shape[1], ignore_index, "cross_entropy")
     loss_rows = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
@@ -512,7 +507,7 @@ def _cross_entropy_bwd_none(
     """reduction="none": the gradient recomputed from the logits with each row's upstream
     gradient folded into the kernel's scale (one rounding, where scaling a stored low-precision
     gradient would round twice)."""
-    x2, t = _rows(logits), target.reshape(-1)
+    x2, t = rows(logits), target.reshape(-1)
     row_scale = dloss.reshape(-1).to(torch.float32).contiguous()
     loss_rows = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
     ce_rows(x2, t, loss_rows, grad, row_scale, ignore_index, label_smoothing, z_loss, softcap)

@@ -319,35 +319,11 @@ if _backend.has_triton():
         ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # GradScaler found an inf or NaN: the whole step is skipped, step counters included.
+        skip = False
         if HAS_FOUND_INF:
-            if tl.load(FOUND_INF_PTR) == 0:
-                _adamw_chunk(
-                    TABLE,
-                    NUMELS,
-                    CHUNK_TENSOR,
-                    CHUNK_INDEX,
-                    LR_PTR,
-                    SCALE_PTR,
-                    lr,
-                    weight_decay,
-                    beta1,
-                    beta2,
-                    one_minus_beta1,
-                    one_minus_beta2,
-                    log_beta1,
-                    log_beta2,
-                    eps,
-                    P_DTYPE,
-                    S_DTYPE,
-                    K,
-                    MASTER,
-                    MAXIMIZE,
-                    HAS_LR_PTR,
-                    UNSCALE,
-                    ALIGNED,
-                    BLOCK,
-                )
-        else:
+            skip = tl.load(FOUND_INF_PTR) != 0
+        if not skip:
             _adamw_chunk(
                 TABLE,
                 NUMELS,
