@@ -74,6 +74,10 @@ class Case:
     flops(shape, mode): useful floating-point operations, for compute-bound ops.
     grad_inputs: indices of the inputs that get gradients in fwd+bwd (None: every floating input).
     tolerance: max |impl - reference| / max |reference| allowed per dtype (None: the defaults).
+    tokens(shape): tokens one call processes, for model-level cases (rows get tokens/s).
+    baseline: the impl the others are compared with as `baseline ms / impl ms` (rows get
+        speedup_vs_baseline), for cases whose impls are variants rather than perfml vs others
+        (decode in bf16 vs int8 vs int4).
     """
 
     name: str
@@ -90,6 +94,8 @@ class Case:
     grad_inputs: tuple[int, ...] | None = None
     tolerance: dict[torch.dtype, float] = field(default_factory=dict)
     description: str = ""
+    tokens: Callable[[Shape], int] | None = None
+    baseline: str | None = None
 
     def dtypes_for(self, device: torch.device) -> tuple[torch.dtype, ...]:
         return self.cuda_dtypes if device.type == "cuda" else self.cpu_dtypes
@@ -123,6 +129,8 @@ def register(case: Case) -> Case:
     unknown = set(case.modes) - set(MODES)
     if unknown:
         raise ValueError(f"case {case.name!r}: unknown modes {sorted(unknown)}; known: {MODES}")
+    if case.baseline is not None and case.baseline not in {impl.name for impl in case.impls}:
+        raise ValueError(f"case {case.name!r}: baseline {case.baseline!r} is not one of its impls")
     _CASES[case.name] = case
     return case
 

@@ -197,6 +197,9 @@ def _blank(case: Case, shape: Shape, dtype: torch.dtype, mode: str, impl: str) -
         "tflops": None,
         "pct_of_matmul": None,
         "speedup_perfml": None,
+        "tokens_per_s": None,
+        "baseline": case.baseline,
+        "speedup_vs_baseline": None,
         "peak_mib": None,
         "mismatch": None,
         "max_rel_err": None,
@@ -222,11 +225,19 @@ def measure(problem: Problem, impl: Impl, timer: Timer) -> dict[str, Any]:
     return row
 
 
-def _derive(row: dict[str, Any], dtype: torch.dtype, nbytes: int | None, flops: int | None) -> None:
+def _derive(
+    row: dict[str, Any],
+    dtype: torch.dtype,
+    nbytes: int | None,
+    flops: int | None,
+    tokens: int | None = None,
+) -> None:
     row["bytes"], row["flops"] = nbytes, flops
     ms = row["ms"]
     if ms is None or ms <= 0:
         return
+    if tokens is not None:
+        row["tokens_per_s"] = tokens / ms * 1e3
     if nbytes is not None:
         row["gbps"] = nbytes / ms / 1e6
         if row["copy_gbps"]:
@@ -243,10 +254,13 @@ def _fill_speedups(rows: list[dict[str, Any]]) -> None:
     matched the reference."""
     ok = [r for r in rows if r["ms"] and r["mismatch"] is False]
     perfml = next((r for r in ok if r["impl"] == "perfml"), None)
-    if perfml is None:
-        return
-    for r in ok:
-        r["speedup_perfml"] = r["ms"] / perfml["ms"]
+    if perfml is not None:
+        for r in ok:
+            r["speedup_perfml"] = r["ms"] / perfml["ms"]
+    base = next((r for r in ok if r["baseline"] and r["impl"] == r["baseline"]), None)
+    if base is not None:
+        for r in ok:
+            r["speedup_vs_baseline"] = base["ms"] / r["ms"]
 
 
 def validate(cases: Sequence[Case], config: RunConfig) -> None:
@@ -317,11 +331,12 @@ def run(
     done = 0
     for case, dtype, shape, mode, impls, skipped in groups:
         label = f"{case.name} {'x'.join(map(str, shape))} {_dtype_name(dtype)} {mode}"
-        nbytes = flops = None
+        nbytes = flops = tokens = None
         try:
             problem = make_problem(case, shape, dtype, mode, device, config.seed)
             nbytes = case.bytes(shape, dtype, mode) if case.bytes else None
             flops = case.flops(shape, mode) if case.flops else None
+            tokens = case.tokens(shape) if case.tokens else None
         except Exception as exc:  # e.g. a --shapes override of the wrong rank for this case
             problem, setup_error = None, _error_text(exc)
         group = []
@@ -344,7 +359,7 @@ def run(
         del problem  # free this group's inputs before the next group allocates its own
         full = [{**meta, **row} for row in group]
         for row in full:
-            _derive(row, dtype, nbytes, flops)
+            _derive(row, dtype, nbytes, flops, tokens)
         _fill_speedups(full)
         if out is not None:
             with open(out, "a", encoding="utf-8") as f:

@@ -23,6 +23,8 @@ _COLUMNS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("% matmul", "pct_of_matmul", _num(".1f")),
     ("peak MiB", "peak_mib", _num(".1f")),
     ("perfml x", "speedup_perfml", _num(".2f")),
+    ("tokens/s", "tokens_per_s", _num(".4g")),
+    ("x baseline", "speedup_vs_baseline", _num(".2f")),
 ]
 
 
@@ -46,10 +48,10 @@ def _block(rows: list[Row]) -> list[str]:
     first = rows[0]
     title = f"{first['case']}  {'x'.join(map(str, first['shape']))}  {first['dtype']}  "
     title += first["mode"]
-    columns = [c for c in _COLUMNS if any(r[c[1]] is not None for r in rows)]
+    columns = [c for c in _COLUMNS if any(r.get(c[1]) is not None for r in rows)]
     table = [["impl"] + [c[0] for c in columns] + [""]]
     for r in rows:
-        table.append([r["impl"]] + [fmt(r[key]) for _, key, fmt in columns] + [_note(r)])
+        table.append([r["impl"]] + [fmt(r.get(key)) for _, key, fmt in columns] + [_note(r)])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [title]
     for line in table:
@@ -93,6 +95,12 @@ def render_table(rows: Sequence[Row]) -> str:
     lines.append("perfml x: this impl's time / perfml's time (above 1: perfml is faster); only")
     lines.append("between rows that both match the reference. GB/s counts minimum traffic; ms is")
     lines.append(f"the median call; 'noisy' marks a median over {NOISY}x the fastest call.")
+    baselines = sorted({r["baseline"] for r in rows if r.get("baseline")})
+    if baselines:
+        lines.append(
+            "x baseline: the baseline impl's time / this impl's time (above 1: faster than "
+            f"{' / '.join(baselines)})."
+        )
     for impl, reason in skipped:
         lines.append(f"not run: {impl}: {reason}")
     return "\n".join(lines)

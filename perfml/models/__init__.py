@@ -1,6 +1,7 @@
 """Reference models built from perfml's layers, each runnable fused (perfml kernels) or unfused
 (plain PyTorch) over the same parameters."""
 
-from perfml.models.llama import KVCache, Llama, LlamaConfig
+from perfml.models.decode import Decoder
+from perfml.models.llama import KVCache, Llama, LlamaConfig, StaticKVCache
 
-__all__ = ["KVCache", "Llama", "LlamaConfig"]
+__all__ = ["Decoder", "KVCache", "Llama", "LlamaConfig", "StaticKVCache"]

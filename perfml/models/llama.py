@@ -241,13 +241,25 @@ def eager_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
 
 class KVCache:
     """Keys and values of the tokens seen so far, per layer [B, Hkv, max_len, D], preallocated on
-    the first update in that layer's dtype; `length` tokens are filled."""
+    the first update in that layer's dtype; `length` tokens are filled. The attention reads the
+    filled part only, so the shapes grow with every token (eager decoding; see StaticKVCache for
+    the CUDA-graph-friendly form)."""
 
     def __init__(self, num_layers: int, max_len: int) -> None:
         self.max_len = max_len
         self.length = 0
         self._k: list[Tensor | None] = [None] * num_layers
         self._v: list[Tensor | None] = [None] * num_layers
+
+    def positions(self, t: int, device: torch.device) -> Tensor:
+        """Positions [1, t] of the next t tokens."""
+        return torch.arange(self.length, self.length + t, device=device).unsqueeze(0)
+
+    def attention_mask(self, t: int) -> Tensor | None:
+        return None  # _attention masks the last t of the filled positions causally itself
+
+    def advance(self, t: int) -> None:
+        self.length += t
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v [B, Hkv, T, D] after the filled positions; returns all keys and values."""
@@ -264,9 +276,71 @@ class KVCache:
         return cache_k[:, :, :end], cache_v[:, :, :end]
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal SDPA of q [B, Hq, T, D] over k, v [B, Hk, S, D] whose last T positions are q's."""
+class StaticKVCache:
+    """A KV cache whose shapes never change: the write position is a device tensor, every step
+    attends over all max_len slots with a mask hiding the unwritten ones. One decode step is then
+    the same kernels on the same buffers every time, which a CUDA graph can capture and replay
+    (perfml.models.decode.Decoder does). `length` is the host's count of filled positions: it
+    moves with advance() in eager use; whoever replays a captured step moves it with sync().
+
+    Buffers per layer [B, Hkv, max_len, D] are allocated on the first update in k's dtype and
+    head count (a structurally pruned layer may have fewer heads)."""
+
+    def __init__(self, num_layers: int, max_len: int, device: torch.device | str = "cpu") -> None:
+        if max_len < 1:
+            raise ValueError(f"StaticKVCache: max_len must be >= 1, got {max_len}")
+        self.max_len = max_len
+        self.length = 0
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self._slots = torch.arange(max_len, device=device)
+        self._k: list[Tensor | None] = [None] * num_layers
+        self._v: list[Tensor | None] = [None] * num_layers
+
+    def reset(self, length: int = 0) -> None:
+        """Rewind to `length` filled positions (the keys and values before it stay valid)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"StaticKVCache: cannot rewind to {length} of {self.max_len}")
+        self.length = length
+        self.position.fill_(length)
+
+    def sync(self, t: int) -> None:
+        """Record on the host that a replayed step advanced the device position by t."""
+        self.length += t
+
+    def positions(self, t: int, device: torch.device) -> Tensor:
+        return (self.position + torch.arange(t, device=device)).unsqueeze(0)
+
+    def attention_mask(self, t: int) -> Tensor:
+        """[t, max_len] bool: query i (at position + i) sees the slots up to its own position."""
+        queries = self.position + torch.arange(t, device=self._slots.device)
+        return self._slots.unsqueeze(0) <= queries.unsqueeze(1)
+
+    def advance(self, t: int) -> None:
+        self.length += t
+        self.position.add_(t)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, Hkv, T, D] at the device position; returns the whole buffers."""
+        if self.length + k.shape[2] > self.max_len:
+            raise ValueError(
+                f"StaticKVCache: {self.length + k.shape[2]} positions exceed max_len {self.max_len}"
+            )
+        if self._k[layer] is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self._k[layer] = k.new_zeros(shape)
+            self._v[layer] = v.new_zeros(shape)
+        index = self.position + torch.arange(k.shape[2], device=k.device)
+        self._k[layer].index_copy_(2, index, k)
+        self._v[layer].index_copy_(2, index, v)
+        return self._k[layer], self._v[layer]
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Causal SDPA of q [B, Hq, T, D] over k, v [B, Hk, S, D] whose last T positions are q's, or
+    over the slots `mask` [T, S] allows (a static cache)."""
     gqa = q.shape[1] != k.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     t, s = q.shape[2], k.shape[2]
     if t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -291,16 +365,20 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, hidden, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticKVCache | None
+    ) -> Tensor:
         b, t, _ = x.shape
         # [B, T, H * D] -> [B, H, T, D] views; RoPE and SDPA read the strides as they are
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, k, cos, sin) if self.fused else eager_rope(q, k, cos, sin)
+        mask = None
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = _attention(q, k, v)
+            mask = cache.attention_mask(t)
+        out = _attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -320,7 +398,9 @@ class LlamaDecoderLayer(nn.Module):
         mlp = SwiGLUMLP if config.fused else EagerMLP
         self.mlp = mlp(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticKVCache | None = None
+    ) -> Tensor:
         attn = self.self_attn(self.input_layernorm(h), cos, sin, cache)
         if self.fused:
             norm = self.post_attention_layernorm
@@ -331,6 +411,12 @@ class LlamaDecoderLayer(nn.Module):
             h = h + attn
             x = self.post_attention_layernorm(h)
         return h + self.mlp(x)
+
+
+def _dense_head(lm_head: nn.Module | None) -> bool:
+    """A tied head or a plain nn.Linear (the fused loss reads its weight); False for a quantized
+    head, whose loss goes through its own kernel and F.cross_entropy."""
+    return lm_head is None or isinstance(lm_head, nn.Linear)
 
 
 class Llama(nn.Module):
@@ -372,6 +458,11 @@ class Llama(nn.Module):
     @property
     def output_weight(self) -> Tensor:
         """The head's [V, H] weight: lm_head's, or embed_tokens' when tied."""
+        if not _dense_head(self.lm_head):
+            raise TypeError(
+                f"Llama.output_weight: lm_head is a {type(self.lm_head).__name__} with no float "
+                "weight; use Llama.logits()"
+            )
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -396,7 +487,9 @@ class Llama(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
 
-    def hidden_states(self, input_ids: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def hidden_states(
+        self, input_ids: Tensor, kv_cache: KVCache | StaticKVCache | None = None
+    ) -> Tensor:
         """The final normed hidden states [B, T, H]; with a cache, input_ids continue it."""
         if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex():
             raise ValueError(
@@ -410,7 +503,10 @@ class Llama(nn.Module):
                 f"Llama: {past + t} positions exceed max_seq_len {self.config.max_seq_len}"
             )
         h = self.embed_tokens(input_ids)
-        positions = torch.arange(past, past + t, device=input_ids.device).unsqueeze(0)
+        if kv_cache is None:
+            positions = torch.arange(t, device=input_ids.device).unsqueeze(0)
+        else:
+            positions = kv_cache.positions(t, input_ids.device)
         cos, sin = self.rotary_emb(h, positions)  # [1, T, D] each
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -419,12 +515,15 @@ class Llama(nn.Module):
             else:
                 h = layer(h, cos, sin, kv_cache)
         if kv_cache is not None:
-            kv_cache.length += t
+            kv_cache.advance(t)
         return self.norm(h)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """The output head on hidden states [..., H] -> [..., V]."""
-        return F.linear(hidden, self.output_weight)
+        """The output head on hidden states [..., H] -> [..., V] (a quantized lm_head runs its
+        own kernel)."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed_tokens.weight)
 
     def forward(
         self, input_ids: Tensor, labels: Tensor | None = None, *, reduction: str = "mean"
@@ -442,10 +541,10 @@ class Llama(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"Llama: reduction must be 'mean' or 'sum', got {reduction!r}")
         hidden, labels = hidden.flatten(0, 1), labels.flatten()
-        weight = self.output_weight
-        if not self.config.fused:
-            logits = F.linear(hidden, weight).float()
+        if not self.config.fused or not _dense_head(self.lm_head):
+            logits = self.logits(hidden).float()
             return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+        weight = self.output_weight
         device = hidden.device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)

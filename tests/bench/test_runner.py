@@ -7,7 +7,7 @@ import torch
 
 from perfml import bench
 from perfml.bench.timing import CpuTimer
-from tests.bench.helpers import TINY, tiny_bytes
+from tests.bench.helpers import TINY, tiny_bytes, tiny_case
 
 CPU = torch.device("cpu")
 QUICK = bench.RunConfig(CPU, quick=True, cpu_budget_s=0.005)
@@ -20,7 +20,8 @@ REQUIRED = {
     "case", "family", "shape", "dtype", "mode", "impl", "path",
     # results
     "ms", "ms_min", "reps", "bytes", "gbps", "pct_of_copy", "flops", "tflops", "pct_of_matmul",
-    "speedup_perfml", "peak_mib", "mismatch", "max_rel_err", "error", "skipped",
+    "speedup_perfml", "tokens_per_s", "baseline", "speedup_vs_baseline", "peak_mib", "mismatch",
+    "max_rel_err", "error", "skipped",
 }  # fmt: skip
 
 
@@ -126,3 +127,41 @@ def test_cpu_timer_spends_its_budget_and_clears_grads():
     timing = CpuTimer(budget_s=0.01).time(step, [leaf])
     assert timing.reps >= 3 and 0 < timing.ms_min <= timing.ms
     assert all(g is None for g in seen)  # every call started without a gradient
+
+
+def test_tokens_per_s_and_baseline_speedups():
+    """A case with `tokens` gets tokens/s; with `baseline`, every matching row gets baseline ms /
+    its ms, and a wrong row gets none."""
+    import dataclasses
+
+    case = dataclasses.replace(
+        tiny_case("eager", "perfml", "wrong"),
+        name="tiny_tokens",
+        tokens=lambda shape: shape[0] * 3,
+        baseline="eager",
+        modes=("fwd",),
+    )
+    bench.register(case)
+    try:
+        rows = bench.run([case], QUICK)
+    finally:
+        bench.unregister("tiny_tokens")
+    by = {r["impl"]: r for r in rows}
+    for row in by.values():
+        assert row["baseline"] == "eager"
+        assert row["tokens_per_s"] == pytest.approx(4 * 3 / row["ms"] * 1e3)
+    assert by["eager"]["speedup_vs_baseline"] == 1.0
+    assert by["perfml"]["speedup_vs_baseline"] == pytest.approx(
+        by["eager"]["ms"] / by["perfml"]["ms"]
+    )
+    assert by["wrong"]["speedup_vs_baseline"] is None
+    table = bench.render_table(rows)
+    assert "tokens/s" in table and "x baseline" in table and "faster than eager" in table
+
+
+def test_baseline_must_be_an_impl():
+    import dataclasses
+
+    case = dataclasses.replace(tiny_case("eager"), name="tiny_nobase", baseline="nope")
+    with pytest.raises(ValueError, match="baseline 'nope' is not one of its impls"):
+        bench.register(case)
