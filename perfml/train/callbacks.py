@@ -19,6 +19,11 @@ class Callback:
     def on_train_start(self, trainer: Trainer) -> None:
         """After setup (and the restore, when resuming), before the first step."""
 
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """Inside each step, after the backward passes (gradients complete: summed over the
+        micro-batches and ranks, unscaled under fp16), before gradient clipping and the optimizer
+        step: the place to edit `p.grad` of `trainer.model`'s parameters."""
+
     def on_step_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         """After each optimizer step; `metrics` is the row written to metrics.jsonl."""
 

@@ -2,6 +2,16 @@
 
     Trainer(config).fit()                     a new run in config.out_dir
     Trainer(config, resume=RUN_DIR).fit()     continue from the run's latest checkpoint
+    Trainer(config, model=llama).fit()        train a given perfml Llama (e.g. a pruned one,
+                                              fine-tuned) instead of a new one from config.model
+
+A given model is trained in place: moved to the config's device, wrapped, compiled and optimized
+like a built one; the run's checkpoints record its own config (model.config) and that it was given
+("model_source"). Resuming such a run needs a model of the same structure again (its values are
+replaced by the checkpoint's): a structurally pruned model is not what its model_config builds, and
+a magnitude-pruned one needs its masks kept by a callback, so a resume without `model=` is refused
+with an error that says so, and a model whose tensor shapes differ from the checkpoint's is refused
+naming the first tensor that differs.
 
 One optimizer step = grad_accum micro-batches of batch_size sequences on each of world_size
 processes. The loss of every micro-batch is the model's SUM over its tokens, divided by the token
@@ -128,11 +138,46 @@ def model_config(config: TrainConfig, vocab_size: int | None = None) -> Any:
             f"more than the model's vocab_size {cfg.vocab_size} (--set "
             f"model_args.vocab_size={vocab_size})"
         )
-    if config.seq_len > cfg.max_seq_len:
-        raise ConfigError(
-            f"seq_len {config.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}"
-        )
+    _check_seq_len(config, cfg, "the model's")
     return cfg
+
+
+def _check_seq_len(config: TrainConfig, cfg: Any, whose: str) -> None:
+    if config.seq_len > cfg.max_seq_len:
+        raise ConfigError(f"seq_len {config.seq_len} exceeds {whose} max_seq_len {cfg.max_seq_len}")
+
+
+def check_given_model(model: Any) -> None:
+    """The model a Trainer is given: a perfml Llama whose trainable weights are fp32 (mixed
+    precision is autocast over fp32 weights)."""
+    from perfml.models.llama import Llama
+
+    if not isinstance(model, Llama):
+        raise TypeError(
+            f"Trainer: model must be a perfml.models.llama.Llama, got {type(model).__name__}"
+        )
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            raise ConfigError(
+                f"model: {name} is {p.dtype}; the Trainer trains fp32 weights (mixed precision "
+                "is the config's precision, autocast over them): pass model.float()"
+            )
+
+
+def structure_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """None when `state` has exactly the model's tensor names and shapes, else what differs first
+    (the model unwrapped: full, unsharded shapes)."""
+    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    theirs = {name: tuple(t.shape) for name, t in state.items()}
+    for name, shape in own.items():
+        if name not in theirs:
+            return f"the checkpoint has no {name}"
+        if theirs[name] != shape:
+            return f"{name} is {list(theirs[name])} in the checkpoint, {list(shape)} in the model"
+    extra = [name for name in theirs if name not in own]
+    if extra:
+        return f"the checkpoint has {extra[0]}, which the model lacks"
+    return None
 
 
 def token_loader(
@@ -296,8 +341,14 @@ class Trainer:
         *,
         callbacks: Sequence[Callback] = (),
         resume: str | Path | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
+        if model is not None:
+            check_given_model(model)
         self.config = config
+        # a perfml Llama to train instead of a new one (trained in place); under torchrun every
+        # rank passes the same weights (DDP broadcasts rank 0's, FSDP shards each rank's own)
+        self.given_model = model
         self.callbacks = list(callbacks)
         self.resume_from = None if resume is None else Path(resume)
         self.run_dir = Path(config.out_dir)
@@ -370,8 +421,10 @@ class Trainer:
         self.data = build_data(config)
         if self.env.is_main:
             distributed.barrier(self.env)
-        self.model_config = model_config(config, self.data.tokenizer.vocab_size)
+        self.model_config = self._model_config()
         self.model = self._build_model()
+        if checkpoint is not None:
+            self._check_resume_structure(checkpoint)
         # model: the weights (state dicts); wrapped: DDP / FSDP (gradient sync); train_module:
         # what the step calls, compiled when asked
         self.wrapped = distributed.wrap(self.model, config.parallel, self.env)
@@ -425,14 +478,49 @@ class Trainer:
             ckpt.remove_leftovers(self.ckpt_root)
         distributed.barrier(self.env)
 
+    def _model_config(self) -> Any:
+        """The LlamaConfig of the model trained: config's preset, or the given model's own."""
+        vocab_size = self.data.tokenizer.vocab_size
+        if self.given_model is None:
+            return model_config(self.config, vocab_size)
+        cfg = self.given_model.config
+        if vocab_size > cfg.vocab_size:
+            raise ConfigError(
+                f"model: the {self.config.tokenizer} tokenizer has {vocab_size} tokens, more "
+                f"than the given model's vocab_size {cfg.vocab_size}"
+            )
+        _check_seq_len(self.config, cfg, "the given model's")
+        return cfg
+
     def _build_model(self) -> torch.nn.Module:
         from perfml.models.llama import Llama
 
-        # the same seed on every rank: FSDP2 shards each rank's own copy of the initial weights
-        torch.manual_seed(self.config.seed)
-        model = Llama(self.model_config).to(self.device)
+        if self.given_model is not None:
+            model = self.given_model.to(self.device)
+        else:
+            # the same seed on every rank: FSDP2 shards each rank's own copy of the initial weights
+            torch.manual_seed(self.config.seed)
+            model = Llama(self.model_config).to(self.device)
+        model.train()
         model.set_activation_checkpointing(self.config.activation_checkpointing)
         return model
+
+    def _check_resume_structure(self, checkpoint: ckpt.Checkpoint) -> None:
+        """The model about to receive the checkpoint's weights has their structure."""
+        given = checkpoint.meta.get("model_source") == "given"
+        if given and self.given_model is None:
+            raise ConfigError(
+                f"cannot resume from {checkpoint.path}: its run trained a model passed to "
+                "Trainer(model=...) (e.g. a pruned one), not one built from model_config; resume "
+                "with a model of the same structure: Trainer(config, model=..., resume=...) "
+                "(perfml.sparsity.finetune(model, config, resume=...) keeps pruning masks)"
+            )
+        problem = structure_mismatch(self.model, checkpoint.model)
+        if problem is not None:
+            what = "the model given" if self.given_model is not None else "the model config builds"
+            raise ConfigError(
+                f"cannot resume from {checkpoint.path}: its weights do not fit {what}: {problem}"
+            )
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -567,6 +655,8 @@ class Trainer:
                 self.scaler.scale(micro_loss.float() * scale).backward()
             loss_sum += micro_loss.detach().double()
         self.scaler.unscale_(self.optimizer)
+        for callback in self.callbacks:
+            callback.on_before_optimizer_step(self)
         max_norm = self.config.clip_grad or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -669,6 +759,7 @@ class Trainer:
             "step": self.step,
             "config": self.config.to_dict(),
             "model_config": self.model_config.to_dict(),
+            "model_source": "config" if self.given_model is None else "given",
             "data": {
                 "fingerprint": self.data.fingerprint,
                 "tokenizer": self.config.tokenizer,
@@ -686,8 +777,9 @@ class Trainer:
         }
 
     def _title(self) -> str:
-        c = self.config
-        return f"{self.run_dir.name}: {c.model}, fused={c.fused}, {self.precision}"
+        model = self.config.model if self.given_model is None else "given model"
+        fused = self.model_config.fused
+        return f"{self.run_dir.name}: {model}, fused={fused}, {self.precision}"
 
     # --- signals, progress, teardown -------------------------------------------------------------
 
@@ -796,6 +888,12 @@ def evaluate_run(
             f"{data.fingerprint}, the run used {loaded.meta['data']['fingerprint']})"
         )
     model = Llama(LlamaConfig.from_dict(loaded.meta["model_config"])).to(env.device)
+    problem = structure_mismatch(model, loaded.model)
+    if problem is not None:
+        raise ConfigError(
+            f"{loaded.path}: its weights do not fit the model its model_config builds ({problem}): "
+            "the run trained a model of another structure (e.g. a structurally pruned one)"
+        )
     model.load_state_dict(loaded.model)
     precision = resolve_precision(config.precision, env.device)
     global_batch = config.batch_size * int(loaded.meta.get("world_size", 1))

@@ -1,18 +1,21 @@
 """`perfml quantize` / `perfml prune` on a small trained run: a new model directory that loads,
-with perplexity before and after in its report."""
+with perplexity before and after in its report (and after fine-tuning, for prune
+--finetune-steps)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from perfml import cli
+from perfml import cli, sparsity
 from perfml.quant import model_dir
-from perfml.train import TrainConfig, Trainer
+from perfml.train import TrainConfig, Trainer, load_config
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +87,81 @@ def test_command_writes_a_loadable_model_dir_with_perplexity(
 def test_bad_method_argument_is_usage_error(run_dir, capsys):
     assert cli.main(["quantize", str(run_dir), "--method", "int4", "--group-size", "48"]) == 2
     assert "group_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [("magnitude", ["--finetune-lr", "3e-3"]), ("structured", ["--head-amount", "0.5"])],
+)
+def test_prune_then_finetune_writes_the_finetuned_model_and_three_perplexities(
+    run_dir, tmp_path, method, extra, capsys
+):
+    out = tmp_path / "out"
+    argv = ["prune", str(run_dir), "--method", method, *extra, "--finetune-steps", "8"]
+    assert cli.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    before, after, tuned = report["before"], report["after"], report["after_finetune"]
+    assert f"fine-tuning 8 steps at lr {report['finetune']['lr']:g}" in printed
+    assert (
+        f"perplexity {before['ppl']:.3f} -> {after['ppl']:.3f} pruned -> {tuned['ppl']:.3f} "
+        "fine-tuned (8 steps)" in printed
+    )
+    assert tuned["val_loss"] < after["val_loss"]
+    assert report["finetune"]["steps"] == 8 and report["finetune"]["stop_reason"] == "max_steps"
+
+    # the fine-tune ran on the run's own config: N steps, the lr asked for (default a tenth of
+    # the run's), a warmup of at most a tenth of the steps, its run directory inside OUT
+    run_config = load_config(run_dir / "config.yaml")
+    lr = 3e-3 if "--finetune-lr" in extra else 0.1 * run_config.lr
+    expected = dataclasses.replace(
+        run_config,
+        out_dir=str(out / "finetune"),
+        max_steps=8,
+        lr=lr,
+        warmup_steps=0,
+        device="cpu",
+    )
+    assert load_config(out / "finetune" / "config.yaml") == expected
+
+    # the model directory holds the fine-tuned weights (those of the fine-tune's last step)
+    model = model_dir.load_model_dir(out)
+    last = load_file(str(out / "finetune" / "checkpoints" / "step-00000008" / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in last.items() if k in state)
+    measured = model_dir.run_perplexity(model, run_dir, device=torch.device("cpu"))
+    assert measured["val_loss"] == pytest.approx(tuned["val_loss"])
+    assert report["sparsity"] == sparsity.sparsity_report(model)
+    if method == "magnitude":  # exactly half of every pruned layer is still zero
+        layers = report["sparsity"]["layers"]
+        assert all(v["sparsity"] == 0.5 for k, v in layers.items() if not k.endswith("lm_head"))
+    else:
+        assert state["layers.0.mlp.gate_proj.weight"].shape == (96, 64)
+        assert state["layers.0.self_attn.k_proj.weight"].shape == (16, 64)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--finetune-steps", "-1"], "--finetune-steps must be >= 0, got -1"),
+        (["--finetune-steps", "2", "--finetune-lr", "0"], "--finetune-lr must be a positive "),
+        (["--finetune-steps", "2", "--finetune-lr", "nan"], "positive number, got nan"),
+        (["--finetune-lr", "1e-3"], "--finetune-lr needs --finetune-steps N > 0"),
+    ],
+)
+def test_bad_finetune_arguments_are_usage_errors(run_dir, tmp_path, extra, message, capsys):
+    out = tmp_path / "out"
+    argv = ["prune", str(run_dir), "--method", "magnitude", *extra, "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_existing_finetune_run_is_not_overwritten(run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "config.yaml").write_text("max_steps: 1\n")
+    argv = ["prune", str(run_dir), "--method", "2:4", "--finetune-steps", "2", "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert "already holds a fine-tune run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["finetune"]

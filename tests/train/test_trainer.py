@@ -524,3 +524,117 @@ def test_progress_bar_shows_loss_speed_mfu_and_eta(make_config, capsys):
 def test_cuda_without_cuda_is_a_config_error(make_config):
     with pytest.raises(ConfigError, match="device: cuda was asked for but no CUDA device"):
         Trainer(make_config(device="cuda")).fit()
+
+
+# --- a given model: Trainer(config, model=...) ------------------------------------------------
+
+
+def new_model(config, seed=None, **model_args):
+    """The Llama of config's preset with its model_args (and these) overridden, initialized
+    from `seed`."""
+    from perfml.models.llama import Llama, LlamaConfig
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    args = {**config.model_args, **model_args}
+    return Llama(LlamaConfig.preset(config.model, fused=config.fused, **args))
+
+
+def test_a_given_model_trains_like_the_one_built_from_the_config(make_config):
+    built = Trainer(make_config("built", max_steps=4, eval_every=2)).fit()
+    config = make_config("given", max_steps=4, eval_every=2)
+    model = new_model(config, seed=config.seed)  # the weights _build_model would draw
+    model.eval()  # the trainer puts it in training mode itself
+    given = Trainer(config, model=model).fit()
+    for split in ("train", "val"):
+        keys = ("step", "loss", "lr", "grad_norm")
+        a, b = read_rows(built.run_dir, split), read_rows(given.run_dir, split)
+        assert [{k: r.get(k) for k in keys} for r in a] == [{k: r.get(k) for k in keys} for r in b]
+    final = final_weights(given.run_dir)
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())  # in place
+    assert torch.equal(final["norm.weight"], final_weights(built.run_dir)["norm.weight"])
+    assert load_checkpoint(built.last_checkpoint).meta["model_source"] == "config"
+    assert load_checkpoint(given.last_checkpoint).meta["model_source"] == "given"
+
+
+def test_the_checkpoint_describes_the_given_model(make_config):
+    config = make_config(max_steps=2, eval_every=2)
+    model = new_model(config, hidden_size=48, intermediate_size=80, num_heads=4, num_kv_heads=2)
+    result = Trainer(config, model=model).fit()
+    meta = load_checkpoint(result.last_checkpoint).meta
+    assert meta["model_config"] == model.config.to_dict()
+    assert meta["model_config"]["hidden_size"] == 48 and config.model_args["hidden_size"] == 32
+    # so `perfml eval` rebuilds it and reproduces the logged validation loss
+    assert evaluate_run(result.run_dir)["val_loss"] == read_rows(result.run_dir, "val")[-1]["loss"]
+
+
+def test_resuming_a_given_model_run_needs_a_model_of_its_structure(make_config):
+    args = dict(max_steps=6, eval_every=0, ckpt_every=3)
+    other = dict(intermediate_size=48)  # not the config's 64
+    straight = new_model(make_config(), seed=5, **other)
+    Trainer(make_config("straight", **args), model=straight).fit()
+
+    config = make_config("cut", **args)
+    stopped = Trainer(config, model=new_model(config, seed=5, **other), callbacks=[SignalAt(3)])
+    assert stopped.fit().step == 3
+    with pytest.raises(ConfigError, match=r"trained a model passed to Trainer\(model=\.\.\.\)"):
+        Trainer(config, resume=config.out_dir).fit()
+    with pytest.raises(
+        ConfigError,
+        match=r"do not fit the model given: layers\.0\.mlp\.gate_proj\.weight is \[48, 32\] in "
+        r"the checkpoint, \[64, 32\] in the model",
+    ):
+        Trainer(config, model=new_model(config), resume=config.out_dir).fit()
+    resumed = new_model(config, seed=123, **other)  # other values: the checkpoint's replace them
+    assert Trainer(config, model=resumed, resume=config.out_dir).fit().step == 6
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bad_given_model_is_a_clear_error(make_config):
+    config = make_config(max_steps=1, eval_every=0)
+    with pytest.raises(TypeError, match="model must be a perfml.models.llama.Llama, got Linear"):
+        Trainer(config, model=torch.nn.Linear(2, 2))
+    with pytest.raises(
+        ConfigError, match=r"model: embed_tokens.weight is torch.bfloat16.*float\(\)"
+    ):
+        Trainer(config, model=new_model(config).bfloat16())
+    with pytest.raises(ConfigError, match="more than the given model's vocab_size 100"):
+        Trainer(config, model=new_model(config, vocab_size=100)).fit()
+    with pytest.raises(ConfigError, match="seq_len 16 exceeds the given model's max_seq_len 8"):
+        Trainer(config, model=new_model(config, max_seq_len=8)).fit()
+
+
+class BeforeOptimizerStep(Callback):
+    """Records, at the hook, the gradient norm and whether the weights are still the last step's."""
+
+    def __init__(self):
+        self.events, self.norms, self.unchanged = [], [], []
+        self._last = None
+
+    def on_train_start(self, trainer):
+        self._last = [p.detach().clone() for p in trainer.model.parameters()]
+
+    def on_before_optimizer_step(self, trainer):
+        params = list(trainer.model.parameters())
+        self.events.append(("before_optimizer_step", trainer.step + 1))
+        norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
+        self.norms.append(norm.item())
+        self.unchanged.append(
+            all(torch.equal(p, q) for p, q in zip(params, self._last, strict=True))
+        )
+
+    def on_step_end(self, trainer, metrics):
+        self.events.append(("step", metrics["step"]))
+        self._last = [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_before_optimizer_step_sees_the_unclipped_gradients_before_the_update(make_config):
+    hook = BeforeOptimizerStep()
+    # clipping far below the gradient norm: a hook after clipping would see a norm of 1e-3
+    config = make_config(max_steps=3, eval_every=0, grad_accum=2, clip_grad=1e-3)
+    result = Trainer(config, callbacks=[hook]).fit()
+    assert hook.events == [(e, s) for s in (1, 2, 3) for e in ("before_optimizer_step", "step")]
+    assert hook.unchanged == [True, True, True]
+    logged = [r["grad_norm"] for r in read_rows(result.run_dir)]
+    assert hook.norms == pytest.approx(logged, rel=1e-5) and min(logged) > 1e-2
