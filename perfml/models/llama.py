@@ -476,13 +476,14 @@ class Llama(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), PaLM's appendix-B count used for MFU:
         6 x the matmul parameters (every weight but the embedding lookup and the norms) plus
-        12 x num_layers x hidden_size x seq_len for attention's two matmuls, without the causal
-        discount. seq_len defaults to max_seq_len."""
+        12 x (query heads x head_dim, summed over the layers) x seq_len for attention's two
+        matmuls, without the causal discount. seq_len defaults to max_seq_len."""
         seq_len = self.config.max_seq_len if seq_len is None else seq_len
         norms = sum(p.numel() for p in self.parameters() if p.dim() == 1)
         matmul_params = self.num_params(exclude_embeddings=True) - norms
-        c = self.config
-        return 6 * matmul_params + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+        # per layer: structured pruning may leave layers with fewer heads than the config's
+        heads = sum(layer.self_attn.num_heads for layer in self.layers)
+        return 6 * matmul_params + 12 * heads * self.config.head_dim * seq_len
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled

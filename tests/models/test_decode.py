@@ -92,6 +92,9 @@ def test_structurally_pruned_model_decodes():
     model = small(seed=4, num_heads=4, num_kv_heads=4)
     sparsity.prune(model, sparsity.StructuredConfig(mlp_amount=0.25, head_amount=0.5))
     assert model.layers[0].self_attn.num_kv_heads == 2
+    # attention FLOPs follow the layers' own head counts (2 of 4 query heads kept, head_dim 16)
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # the tied head counts
+    assert model.flops_per_token(8) == 6 * matmul + 12 * (2 * 2 * 16) * 8
     prompt, tokens = ids(1, 5), ids(1, 4)
     got = teacher_forced(Decoder(model, 9), prompt, tokens)
     torch.testing.assert_close(got, forward_logits(model, prompt, tokens), rtol=1e-5, atol=1e-5)
