@@ -43,6 +43,12 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
     _common_arguments(p)
     p.add_argument("--method", required=True, choices=QUANT_METHODS)
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128)")
+    p.add_argument(
+        "--include-head",
+        action="store_true",
+        help="quantize the output head (lm_head) too: a large share of what each decode step "
+        "reads (a head tied to the embedding stays float)",
+    )
 
 
 def prune_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,8 +156,9 @@ def _run(args: argparse.Namespace, pass_name: str) -> int:
         before = model_dir.run_perplexity(model, args.run_dir, device=device, batches=args.batches)
         bytes_before = weight_bytes(model)
         start = time.perf_counter()
+        include_head = pass_name == "quantize" and args.include_head
         if pass_name == "quantize":
-            quant.quantize(model, config)
+            quant.quantize(model, config, filter_fn=model_dir.pass_filter(include_head))
         else:
             sparsity.prune(model, config)
         seconds = time.perf_counter() - start
@@ -183,7 +190,7 @@ def _run(args: argparse.Namespace, pass_name: str) -> int:
         return 130
     report: dict[str, Any] = {
         "method": args.method,
-        "config": model_dir.describe_config(pass_name, config),
+        "config": model_dir.describe_config(pass_name, config, include_head=include_head),
         "source": str(Path(args.run_dir)),
         "step": meta.get("step"),
         "before": before,

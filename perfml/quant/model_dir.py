@@ -25,12 +25,23 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "perfml_model.json"
 
 
-def describe_config(pass_name: str, config: Any) -> dict[str, Any]:
-    return {
-        "pass": pass_name,
-        "config": type(config).__name__,
-        "args": dataclasses.asdict(config),
-    }
+def describe_config(pass_name: str, config: Any, *, include_head: bool = False) -> dict[str, Any]:
+    """The pass entry of perfml_model.json; include_head records that the quantize pass took the
+    output head too (the default filter leaves lm_head alone)."""
+    entry = {"pass": pass_name, "config": type(config).__name__, "args": dataclasses.asdict(config)}
+    if include_head:
+        entry["include_head"] = True
+    return entry
+
+
+def _every_linear(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def pass_filter(include_head: bool) -> Any:
+    """The quantize filter_fn a pass used: None (perfml.quant's default: every nn.Linear but
+    lm_head) or every nn.Linear."""
+    return _every_linear if include_head else None
 
 
 def _config_from(entry: dict[str, Any]) -> Any:
@@ -78,7 +89,7 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     for entry in meta["passes"]:
         config = _config_from(entry)
         if entry["pass"] == "quantize":
-            quant.quantize(model, config)
+            quant.quantize(model, config, filter_fn=pass_filter(entry.get("include_head", False)))
         elif entry["config"] == "StructuredConfig":
             from perfml.sparsity.structured import resize_like
 

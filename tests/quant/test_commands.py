@@ -165,3 +165,32 @@ def test_an_existing_finetune_run_is_not_overwritten(run_dir, tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "already holds a fine-tune run" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["finetune"]
+
+
+def test_include_head_is_recorded_and_replayed_on_load(run_dir, tmp_path, capsys):
+    out = tmp_path / "head"
+    argv = ["quantize", str(run_dir), "--method", "int8", "--include-head", "--out", str(out)]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["include_head"] is True
+    assert model_dir.load_model_dir(out) is not None  # the run's head is tied: stays float
+    # an untied head is quantized by the pass and again when the directory is loaded
+    from perfml import quant
+    from perfml.models import Llama, LlamaConfig
+
+    config = LlamaConfig.preset("tiny", hidden_size=64, intermediate_size=96, num_layers=1)
+    config = dataclasses.replace(config, tie_embeddings=False)
+    torch.manual_seed(0)
+    model = Llama(config).eval()
+    q = quant.Int8WeightOnlyConfig()
+    quant.quantize(model, q, filter_fn=model_dir.pass_filter(True))
+    assert isinstance(model.lm_head, quant.Int8WeightOnlyLinear)
+    entry = model_dir.describe_config("quantize", q, include_head=True)
+    saved = model_dir.save_model_dir(
+        model, tmp_path / "untied", model_config=config.to_dict(), passes=[entry], report={}
+    )
+    loaded = model_dir.load_model_dir(saved)
+    assert isinstance(loaded.lm_head, quant.Int8WeightOnlyLinear)
+    ids = torch.randint(0, 257, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
