@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of perfml.ops for Hopper (sm_90a) on a machine without a GPU.
+"""Compile every Triton kernel of perfml.ops (and perfml.quant.kernels) for Hopper (sm_90a) on a
+machine without a GPU.
 
 The interpreter that runs the kernels in CI (TRITON_INTERPRET=1) executes them as numpy code, so
 it accepts programs the GPU compiler rejects (a plain Python global read inside a kernel, a loop
@@ -10,9 +11,10 @@ constexprs, num_warps, num_stages), and each distinct record is compiled to a cu
 with Triton's own CUDA backend and ptxas. Nothing executes: kernel outputs stay uninitialized,
 which is fine because only the compiler is under test.
 
-Coverage is checked, not assumed: every @triton.jit function defined in a perfml.ops module must
-be launched by some call below, or called from a launched kernel; a kernel no call reaches is a
-failure, so a new op's kernels fail this check until the table covers them.
+Coverage is checked, not assumed: every @triton.jit function defined in a perfml.ops module or in
+one of KERNEL_MODULES must be launched by some call below, or called from a launched kernel; a
+kernel no call reaches is a failure, so a new op's kernels fail this check until the table covers
+them.
 
 Output: a JSON report on stdout (one entry per compiled variant: kernel, constexprs, num_warps,
 ok / error, registers, spills, shared memory), a readable summary on stderr. Exit status 0 when
@@ -22,8 +24,9 @@ NVIDIA GPUs (no CUDA backend or no ptxas in the Triton install). Run from the re
 
 To cover a new op, add rows to CASES: row(op name in perfml.ops, label, call, **options), where
 call(op, dtype, **options) runs one forward and backward; each row runs in bf16, fp16 and fp32
-unless it says otherwise. Rows of ops missing from perfml.ops.__all__ are skipped, so the table
-may name ops that are still being written.
+unless it says otherwise. Functions outside perfml.ops are named by their path under perfml
+("quant.w8a16_mm"). Rows of ops missing from perfml.ops.__all__ (or of functions that do not
+exist) are skipped, so the table may name ops that are still being written.
 
 Hardware limits checked per variant (violations fail at launch on a GPU, after compiling fine):
 registers x threads <= 65536 (one block must fit an SM's register file) and shared memory <= 227
@@ -66,6 +69,12 @@ MAX_REGISTERS_PER_BLOCK = 65536
 MAX_SHARED_BYTES = 232448  # 227 KiB: the per-block opt-in maximum of sm_90
 SPILL_FAIL_BYTES = 1024  # spill stores per thread above which a variant fails
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Modules outside perfml.ops whose Triton kernels are checked too (their rows name the functions
+# by path under perfml, "quant.w8a16_mm").
+KERNEL_MODULES = ("perfml.quant.kernels",)
+# Rows of x for the quantized matmuls: each BLOCK_M of the decode GEMV (1, 2, 4, 8 rows), then
+# the tiled kernel's three row blocks (16, 32, 64).
+QUANT_ROWS = (1, 2, 3, 8, 16, 32, 256)
 # Rows (tokens) of the row-wise ops: enough that no block size shrinks to fit the input and that
 # no per-program row count is 1 (Triton would compile that as a constant).
 ROWS = 48
@@ -185,6 +194,24 @@ def _linear_cross_entropy(fn, dtype, v, bias=False, reduction="mean", **kw):
     _fwd_bwd(loss, [hidden, weight, b])
 
 
+def _quant_mm(fn, dtype, m, n, group=None, k=4096):
+    """One weight-only quantized matmul, int8 (group None) or int4 with that group size. The
+    launcher would compile the interpreter's variant of the tiled kernel for CPU tensors (an
+    fp32 dot standing in for the 16-bit one): it is told these launches are for the GPU."""
+    from unittest import mock
+
+    from perfml.quant import kernels
+
+    x = _input(m, k, dtype=dtype, grad=False)
+    with mock.patch.object(kernels, "_interpreted", lambda x: False):
+        if group is None:
+            fn(x, torch.zeros(n, k, dtype=torch.int8), torch.ones(n, dtype=dtype))
+        else:
+            packed = torch.zeros(n, k // 2, dtype=torch.uint8)
+            scale = torch.ones(n, k // group, dtype=dtype)
+            fn(x, packed, scale, torch.zeros(n, k // group, dtype=torch.uint8), group)
+
+
 NORM_WIDTHS = (128, 2048, 4096, 5120, 8192, 16384, 32768)  # QK-norm, 1B ... 405B, past one tile
 GLU_WIDTHS = (1536, 11008, 14336, 28672)
 SOFTMAX_WIDTHS = (128, 1000, 4096, 32768, 50257, 131072)  # up to rows past any one-tile limit
@@ -259,6 +286,15 @@ CASES: list[Case] = [
         )
     ],
     row("cross_entropy", "2**31+ elements", _cross_entropy_huge, dtypes=(torch.bfloat16,)),
+    # N = 4096 at decode splits K (partials + the reduction kernel); N = 14336 fills the GPU
+    # without a split at M = 1 and 8 (the GEMV writes the output itself)
+    *[
+        row(f"quant.{op}", f"M={m} N={n} group={group}", _quant_mm, m=m, n=n, group=group)
+        for op, groups in (("w8a16_mm", (None,)), ("w4a16_mm", (32, 64, 128)))
+        for group in groups
+        for m in QUANT_ROWS
+        for n in ((4096, 14336) if m in (1, 8) else (4096,))
+    ],
     *[
         row("linear_cross_entropy", f"V={v} {kw}", _linear_cross_entropy, v=v, **kw)
         for v, kw in (
@@ -360,12 +396,26 @@ def recording(recorder: Recorder) -> Iterator[None]:
         JITFunction.run, Autotuner.do_bench, _backend.interpret_mode = saved
 
 
+def resolve(op: str, ops):
+    """The function a row names: an op of perfml.ops, or a path under perfml ("quant.w8a16_mm");
+    None when it does not exist (yet), or when its module does not import (defined_kernels
+    reports that)."""
+    if "." not in op:
+        return getattr(ops, op) if op in ops.__all__ else None
+    module, name = op.rsplit(".", 1)
+    try:
+        return getattr(importlib.import_module(f"perfml.{module}"), name, None)
+    except ImportError:
+        return None
+
+
 def run_cases(recorder: Recorder, ops) -> tuple[list[str], list[str], list[dict]]:
-    """(ops run, ops absent, call errors): every row of CASES whose op perfml.ops exports."""
+    """(ops run, ops absent, call errors): every row of CASES whose function exists."""
     present, absent, errors = [], [], []
     torch.manual_seed(0)  # targets and positions: the same variants on every run
     for op, label, call, dtypes in CASES:
-        seen = present if op in ops.__all__ else absent
+        fn = resolve(op, ops)
+        seen = present if fn is not None else absent
         if op not in seen:
             seen.append(op)
         if seen is absent:
@@ -373,7 +423,7 @@ def run_cases(recorder: Recorder, ops) -> tuple[list[str], list[str], list[dict]
         for dtype in dtypes:
             recorder.case = f"{op} {label} {str(dtype).removeprefix('torch.')}"
             try:
-                call(getattr(ops, op), dtype)
+                call(fn, dtype)
             except Exception as exc:
                 tail = "".join(traceback.format_exception(exc)[-3:])
                 errors.append({"case": recorder.case, "error": tail.strip()[-2000:]})
@@ -532,15 +582,16 @@ def _unwrap(obj):
     return obj if isinstance(obj, JITFunction) else None
 
 
-def defined_kernels(package) -> tuple[dict[str, object], list[dict]]:
-    """{"module.name": JITFunction} for every @triton.jit function a module of the package
-    defines, and the modules that failed to import."""
+def defined_kernels(package, extra: tuple[str, ...] = ()) -> tuple[dict[str, object], list[dict]]:
+    """{"module.name": JITFunction} for every @triton.jit function a module of the package (or
+    one of the `extra` modules) defines, and the modules that failed to import."""
     found, errors = {}, []
-    for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+    names = [info.name for info in pkgutil.iter_modules(package.__path__, package.__name__ + ".")]
+    for name in names + list(extra):
         try:
-            module = importlib.import_module(info.name)
+            module = importlib.import_module(name)
         except Exception as exc:
-            errors.append({"module": info.name, "error": f"{type(exc).__name__}: {exc}"})
+            errors.append({"module": name, "error": f"{type(exc).__name__}: {exc}"})
             continue
         for value in vars(module).values():
             fn = _unwrap(value)
@@ -648,7 +699,7 @@ def main() -> int:
 
     target = GPUTarget("cuda", SM, 32)
     recorder = Recorder(make_backend(target))
-    defined, module_errors = defined_kernels(perfml.ops)
+    defined, module_errors = defined_kernels(perfml.ops, KERNEL_MODULES)
     with recording(recorder):
         ops_run, ops_absent, case_errors = run_cases(recorder, perfml.ops)
     calls_s = time.perf_counter() - started
