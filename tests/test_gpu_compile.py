@@ -1,4 +1,5 @@
-"""Every Triton kernel of perfml.ops compiles for Hopper (sm_90a), checked without a GPU.
+"""Every Triton kernel of perfml.ops and perfml.quant.kernels compiles for Hopper (sm_90a),
+checked without a GPU.
 
 The rest of the suite runs the kernels through Triton's interpreter, which accepts code the GPU
 compiler rejects. tests/gpu_compile_check.py drives every public op at real LLM widths with the
@@ -9,7 +10,7 @@ triton in interpret mode already), and turns its JSON report into assertions.
 Failures: a kernel variant that does not compile, one that would not fit an H100/H200 at launch
 (registers x threads over the register file, shared memory over 227 KiB, spill stores over the
 script's SPILL_FAIL_BYTES per thread), a call of the table that raises, and any @triton.jit
-function of perfml.ops that no call reaches. Smaller spills are warnings. Skipped only when the
+function of perfml.ops or perfml.quant.kernels that no call reaches. Smaller spills are warnings. Skipped only when the
 Triton install has no NVIDIA backend or no ptxas. About 50 s on a quiet 2-core machine, three
 minutes on a busy one (about 65 CPU-seconds, mostly LLVM and ptxas, one worker per core), hence
 `slow`; it stays in the default run (`make test`), so CI runs it.
