@@ -10,9 +10,9 @@ triton in interpret mode already), and turns its JSON report into assertions.
 Failures: a kernel variant that does not compile, one that would not fit an H100/H200 at launch
 (registers x threads over the register file, shared memory over 227 KiB, spill stores over the
 script's SPILL_FAIL_BYTES per thread), a call of the table that raises, and any @triton.jit
-function of perfml.ops or perfml.quant.kernels that no call reaches. Smaller spills are warnings. Skipped only when the
-Triton install has no NVIDIA backend or no ptxas. About 50 s on a quiet 2-core machine, three
-minutes on a busy one (about 65 CPU-seconds, mostly LLVM and ptxas, one worker per core), hence
+function of perfml.ops or perfml.quant.kernels that no call reaches. Smaller spills are
+warnings. Skipped only when the Triton install has no NVIDIA backend or no ptxas. About a minute
+on a quiet 2-core machine, three on a busy one (mostly LLVM and ptxas, one worker per core), hence
 `slow`; it stays in the default run (`make test`), so CI runs it.
 """
 
