@@ -293,6 +293,7 @@ class StaticKVCache:
         self.length = 0
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self._slots = torch.arange(max_len, device=device)
+        self._step: tuple[int, Tensor, Tensor] | None = None  # see _indices
         self._k: list[Tensor | None] = [None] * num_layers
         self._v: list[Tensor | None] = [None] * num_layers
 
@@ -302,22 +303,32 @@ class StaticKVCache:
             raise ValueError(f"StaticKVCache: cannot rewind to {length} of {self.max_len}")
         self.length = length
         self.position.fill_(length)
+        self._step = None
 
     def sync(self, t: int) -> None:
         """Record on the host that a replayed step advanced the device position by t."""
         self.length += t
 
+    def _indices(self, t: int) -> tuple[Tensor, Tensor]:
+        """(the slots [t] the next t tokens go to, their attention mask [t, max_len]), computed
+        once per forward and shared by every layer (fewer kernels in a decode step)."""
+        if self._step is None or self._step[0] != t:
+            index = self.position + torch.arange(t, device=self._slots.device)
+            mask = self._slots.unsqueeze(0) <= index.unsqueeze(1)
+            self._step = (t, index, mask)
+        return self._step[1], self._step[2]
+
     def positions(self, t: int, device: torch.device) -> Tensor:
-        return (self.position + torch.arange(t, device=device)).unsqueeze(0)
+        return self._indices(t)[0].unsqueeze(0)
 
     def attention_mask(self, t: int) -> Tensor:
         """[t, max_len] bool: query i (at position + i) sees the slots up to its own position."""
-        queries = self.position + torch.arange(t, device=self._slots.device)
-        return self._slots.unsqueeze(0) <= queries.unsqueeze(1)
+        return self._indices(t)[1]
 
     def advance(self, t: int) -> None:
         self.length += t
         self.position.add_(t)
+        self._step = None
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, Hkv, T, D] at the device position; returns the whole buffers."""
@@ -329,7 +340,7 @@ class StaticKVCache:
             shape = (*k.shape[:2], self.max_len, k.shape[3])
             self._k[layer] = k.new_zeros(shape)
             self._v[layer] = v.new_zeros(shape)
-        index = self.position + torch.arange(k.shape[2], device=k.device)
+        index = self._indices(k.shape[2])[0]
         self._k[layer].index_copy_(2, index, k)
         self._v[layer].index_copy_(2, index, v)
         return self._k[layer], self._v[layer]
