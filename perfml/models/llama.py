@@ -218,6 +218,10 @@ class EagerMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        gate_up_proj = self._modules.get("gate_up_proj")  # set by perfml.models.fuse
+        if gate_up_proj is not None:
+            gate, up = gate_up_proj(x).chunk(2, dim=-1)  # views of one [.., 2I] output
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -380,10 +384,16 @@ class LlamaAttention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticKVCache | None
     ) -> Tensor:
         b, t, _ = x.shape
+        qkv_proj = self._modules.get("qkv_proj")  # set by perfml.models.fuse
+        if qkv_proj is not None:
+            kv_dim = self.num_kv_heads * self.head_dim
+            q, k, v = qkv_proj(x).split((self.num_heads * self.head_dim, kv_dim, kv_dim), -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # [B, T, H * D] -> [B, H, T, D] views; RoPE and SDPA read the strides as they are
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, k, cos, sin) if self.fused else eager_rope(q, k, cos, sin)
         mask = None
         if cache is not None:
@@ -498,6 +508,13 @@ class Llama(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
+
+    def fuse_projections(self, *, qkv: bool = True, gate_up: bool = True) -> Llama:
+        """perfml.models.fuse_projections(self): q/k/v -> qkv_proj, gate/up -> gate_up_proj in
+        every layer, in place (the state_dict keeps the separate names)."""
+        from perfml.models.fuse import fuse_projections
+
+        return fuse_projections(self, qkv=qkv, gate_up=gate_up)
 
     def hidden_states(
         self, input_ids: Tensor, kv_cache: KVCache | StaticKVCache | None = None

@@ -42,4 +42,10 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up_proj = self._modules.get("gate_up_proj")  # set by perfml.models.fuse
+        if gate_up_proj is not None:
+            # two [.., I] views of one [.., 2I] output, read in place by the kernel; its backward
+            # writes new buffers for them (halves of one storage are never overwritten)
+            gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(swiglu(gate, up, inplace_backward=True))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
