@@ -57,24 +57,18 @@ from torch import Tensor, nn
 
 from perfml.models.llama import EagerMLP, LlamaAttention
 from perfml.nn.swiglu import SwiGLUMLP
-from perfml.quant.api import QuantizedLinear
-from perfml.quant.methods import (
-    Float8Linear,
-    Int4WeightOnlyLinear,
-    Int8DynamicLinear,
-    Int8WeightOnlyLinear,
-)
 
 QKV = ("qkv_proj", ("q_proj", "k_proj", "v_proj"))
 GATE_UP = ("gate_up_proj", ("gate_proj", "up_proj"))
 
-# the buffers of each quantized linear, every one with the output dim N first
-_QUANT_BUFFERS: dict[type, tuple[str, ...]] = {
-    Int8WeightOnlyLinear: ("weight_int8", "scale"),
-    Int4WeightOnlyLinear: ("weight_int4", "scale", "zero"),
-    Int8DynamicLinear: ("weight_int8", "scale"),
-    Float8Linear: ("weight_fp8", "scale"),
-}
+
+def _row_buffers(module: nn.Module) -> tuple[str, ...] | None:
+    """The N-first buffers of a module that can be stacked along N (perfml's quantized linears
+    declare them as `row_buffers` and rebuild with `with_rows`), None for any other module."""
+    names = getattr(type(module), "row_buffers", None)
+    return tuple(names) if names and hasattr(module, "with_rows") else None
+
+
 # attributes of a quantized linear that describe its format and must agree between the parts
 _QUANT_ATTRS = ("group_size", "config")  # group size first: the clearer message
 # the module attribute holding {fused name: ((part name, rows), ...)}, read by the hooks
@@ -139,11 +133,10 @@ def _check_parts(parts: Sequence[_Part]) -> None:
     first = parts[0]
     kind = type(first.module)
     for p in parts:
-        if type(p.module) is not nn.Linear and type(p.module) not in _QUANT_BUFFERS:
-            known = ", ".join(["nn.Linear", *(c.__name__ for c in _QUANT_BUFFERS)])
+        if type(p.module) is not nn.Linear and _row_buffers(p.module) is None:
             raise FusionError(
-                f"fuse: {p.name} is a {type(p.module).__name__}, which cannot be fused (known: "
-                f"{known})"
+                f"fuse: {p.name} is a {type(p.module).__name__}, which cannot be fused (an "
+                "nn.Linear or a perfml quantized linear can)"
             )
         if type(p.module) is not kind:
             raise FusionError(
@@ -196,7 +189,7 @@ def _tensors(part: _Part) -> dict[str, Tensor]:
         out = {"weight": m.weight}
     else:
         buffers = dict(m.named_buffers(recurse=False))
-        expected = _QUANT_BUFFERS[type(m)]
+        expected = _row_buffers(m)
         if tuple(buffers) != expected:
             raise FusionError(
                 f"fuse: {part.name} ({type(m).__name__}) has buffers {tuple(buffers)}, expected "
@@ -221,18 +214,7 @@ def _build(template: nn.Module, out_features: int, tensors: dict[str, Tensor]) -
             linear.bias = nn.Parameter(tensors["bias"], requires_grad=template.bias.requires_grad)
         linear.train(template.training)
         return linear
-    cls = type(template)
-    module = cls.__new__(cls)
-    QuantizedLinear.__init__(module, template.in_features, out_features)
-    for attr in _QUANT_ATTRS:
-        if hasattr(template, attr):
-            setattr(module, attr, getattr(template, attr))
-    for name in _QUANT_BUFFERS[cls]:
-        module.register_buffer(name, tensors[name])
-    if "bias" in tensors:
-        module.bias = nn.Parameter(tensors["bias"], requires_grad=False)
-    module.train(template.training)
-    return module
+    return template.with_rows(out_features, tensors, tensors.get("bias"))
 
 
 def _fuse(parts: Sequence[_Part]) -> nn.Module:
@@ -248,7 +230,7 @@ def _fuse(parts: Sequence[_Part]) -> nn.Module:
 def _split(fused: nn.Module, rows: Sequence[int], name: str) -> list[nn.Module]:
     """The inverse of _fuse: one module per row count, holding copies of its rows."""
     part = _Part(name, fused)
-    if type(fused) is not nn.Linear and type(fused) not in _QUANT_BUFFERS:
+    if type(fused) is not nn.Linear and _row_buffers(fused) is None:
         raise FusionError(f"unfuse: {name} is a {type(fused).__name__}, which cannot be split")
     if sum(rows) != fused.out_features:
         raise FusionError(

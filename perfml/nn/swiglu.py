@@ -2,11 +2,13 @@
 gated activation fused.
 
 Parameter names and shapes are those of HF LlamaMLP (gate_proj, up_proj, down_proj), so its
-state_dict loads either way. The two projections stay separate nn.Linear layers for that reason
-(a fused [2I, H] weight would change the keys). Their outputs are fresh tensors that only the
-gated activation reads, so its backward writes dgate and dup over them (inplace_backward=True):
-the backward of the activation allocates nothing, as in Liger's SwiGLU. A forward hook that keeps
-gate_proj's or up_proj's output would see it overwritten by its gradient after backward.
+state_dict loads either way. The two projections are separate nn.Linear layers unless
+perfml.models.fuse_projections stacks them into one `gate_up_proj` (one matmul; its state_dict
+hooks keep the separate keys), whose output the forward splits with views. The projections'
+outputs are fresh tensors that only the gated activation reads, so its backward writes dgate and
+dup over them (inplace_backward=True): the backward of the activation allocates nothing, as in
+Liger's SwiGLU. A forward hook that keeps gate_proj's or up_proj's output would see it
+overwritten by its gradient after backward.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 FilterFn = Callable[[nn.Module, str], bool]
 _TRANSFORMS: dict[type, Callable[[nn.Linear, Any], nn.Module]] = {}
@@ -30,12 +30,33 @@ class QuantizedLinear(nn.Module):
     """Base of the quantized linear modules (isinstance checks, the repr, bias handling)."""
 
     config: Any
+    # the buffers whose first dim is out_features, in registration order: stacking two modules'
+    # buffers along dim 0 stacks their outputs (perfml.models.fuse relies on it)
+    row_buffers: tuple[str, ...] = ()
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.bias: nn.Parameter | None = None
+
+    def with_rows(
+        self, out_features: int, buffers: dict[str, Tensor], bias: Tensor | None = None
+    ) -> QuantizedLinear:
+        """A module of this type and format (config, group size) over `buffers` (its
+        row_buffers, out_features rows each) and `bias`: how stacked linears are rebuilt."""
+        cls = type(self)
+        module = cls.__new__(cls)
+        QuantizedLinear.__init__(module, self.in_features, out_features)
+        for attr in ("config", "group_size"):
+            if hasattr(self, attr):
+                setattr(module, attr, getattr(self, attr))
+        for name in self.row_buffers:
+            module.register_buffer(name, buffers[name])
+        if bias is not None:
+            module.bias = nn.Parameter(bias, requires_grad=False)
+        module.train(self.training)
+        return module
 
     def _set_bias(self, linear: nn.Linear) -> None:
         if linear.bias is not None:

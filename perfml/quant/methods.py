@@ -55,6 +55,8 @@ def quantize_int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8WeightOnlyLinear(QuantizedLinear):
+    row_buffers = ("weight_int8", "scale")
+
     def __init__(self, linear: nn.Linear, config: Int8WeightOnlyConfig) -> None:
         super().__init__(linear.in_features, linear.out_features)
         self.config = config
@@ -108,6 +110,8 @@ def quantize_int4_per_group(w: Tensor, group_size: int) -> tuple[Tensor, Tensor,
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
+    row_buffers = ("weight_int4", "scale", "zero")
+
     def __init__(self, linear: nn.Linear, config: Int4WeightOnlyConfig) -> None:
         super().__init__(linear.in_features, linear.out_features)
         self.config = config
@@ -164,6 +168,8 @@ def int8_dynamic_mm(x: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
 
 
 class Int8DynamicLinear(QuantizedLinear):
+    row_buffers = ("weight_int8", "scale")
+
     def __init__(self, linear: nn.Linear, config: Int8DynamicConfig) -> None:
         super().__init__(linear.in_features, linear.out_features)
         self.config = config
@@ -229,6 +235,8 @@ def float8_mm(x: Tensor, w_f8: Tensor, w_scale: Tensor) -> Tensor:
 
 
 class Float8Linear(QuantizedLinear):
+    row_buffers = ("weight_fp8", "scale")
+
     def __init__(self, linear: nn.Linear, config: Float8Config) -> None:
         super().__init__(linear.in_features, linear.out_features)
         self.config = config
