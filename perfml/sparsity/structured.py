@@ -99,6 +99,12 @@ def _llama_layers(model: nn.Module) -> list[nn.Module]:
         raise PruningError(
             "prune structured: the model must be a perfml Llama (layers[i].mlp, .self_attn)"
         )
+    for i, layer in enumerate(layers):
+        if "qkv_proj" in layer.self_attn._modules or "gate_up_proj" in layer.mlp._modules:
+            raise PruningError(
+                f"prune structured: layer {i} has fused projections; call "
+                "perfml.models.unfuse_projections(model) first (and fuse again after pruning)"
+            )
     return list(layers)
 
 

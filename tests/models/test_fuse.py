@@ -374,7 +374,7 @@ def test_structured_pruning_of_a_fused_model_is_refused_and_works_after_unfusing
     model = small(seed=16, num_kv_heads=4)
     config = sparsity.StructuredConfig(mlp_amount=0.25, head_amount=0.5)
     fused_model = fused_copy(model)
-    with pytest.raises(FusedProjectionError, match=r"unfuse_projections\(model\) first"):
+    with pytest.raises(sparsity.PruningError, match=r"layer 0 has fused projections.*first"):
         sparsity.prune(fused_model, config)
     sparsity.prune(unfuse_projections(fused_model), config)
     sparsity.prune(model, config)
