@@ -7,10 +7,12 @@ CUDA graph replay, so the kernels, not Python, set the pace), after the same see
   int8    perfml.quantize(Int8WeightOnlyConfig): W8A16 Triton kernels
   int4    perfml.quantize(Int4WeightOnlyConfig(group_size=64)): W4A16 Triton kernels
   fp8     perfml.quantize(Float8Config): e4m3 weights and activations, torch._scaled_mm on sm_89+
-  eager   the dense model through Llama.hidden_states with the growing KVCache, no CUDA graph:
-          what decoding costs when every kernel is launched from Python
-Every linear is quantized, the output head included (at llama-1b the 128256 x 2048 head is a
-third of the weights a step reads), as torchao's decode benchmarks do.
+  eager   the dense, unfused model through Llama.hidden_states with the growing KVCache, no
+          CUDA graph: what decoding costs when every kernel is launched from Python
+The Decoder impls run with fused projections (Llama.fuse_projections: q/k/v one matmul, gate/up
+one matmul, so 4 per layer instead of 7). Every linear is quantized, the output head included
+(at llama-1b the 128256 x 2048 head is a third of the weights a step reads), as torchao's decode
+benchmarks do.
 
 A call is one decode of N tokens teacher-forced from a fixed continuation (the work per token is
 that of greedy decoding, and every impl sees the same tokens, so their logits can be compared):
@@ -18,14 +20,14 @@ the prompt is prefilled once when the impl is built, and each call rewinds the c
 prompt's end and steps N times (feeding continuation token i at position P + i), so
 tokens/s = N / (ms / 1000) counts decode steps only. The reference is the float model's forward
 over prompt + continuation in the case dtype (its logits at positions P .. P + N - 1); a quantized
-model differs from it by its quantization error, so the tolerance (0.25 of the largest logit, where
-int4 measures ~0.05 on the tiny preset) only
-catches broken output - tests/models/test_decode.py and tests/quant hold the tight checks.
+model differs from it by its quantization error, so the tolerance (0.25 of the largest logit;
+int4 measures ~0.05 on the tiny preset) only catches broken output - tests/models/test_decode.py
+and tests/quant hold the tight checks.
 
 On CPU the model is the tiny preset (llama-1b's 1.1e9 parameters are minutes per token there)
 and the quantized kernels run their reference paths: the rows check that everything runs, not
-how fast a GPU would be. Targets (ISSUES: H200): int8 >= 1.6x and int4 >= 1.9x the dense model's
-tokens/s.
+how fast a GPU would be. Targets (the issue tracker, H200): int8 >= 1.6x and int4 >= 1.9x the
+dense model's tokens/s.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def _quantized(spec: _Spec, device: torch.device, method: str | None) -> Llama:
     from perfml import quant
 
     model = _build(spec, device)
+    model.fuse_projections()  # q/k/v and gate/up: one matmul each (then quantized as one)
     if method is None:
         return model
     config = {
