@@ -212,10 +212,43 @@ def _quant_mm(fn, dtype, m, n, group=None, k=4096):
             fn(x, packed, scale, torch.zeros(n, k // group, dtype=torch.uint8), group)
 
 
+def _decode_attention(fn, dtype, shape):
+    """One decode step at the last slot of a [B, Hkv, L, D] cache, shape = (B, Hq, Hkv, D, L),
+    q/k/v as the model makes them (views of [B, 1, H * D] projections). Launches on CPU tensors
+    would compile the interpreter's variant (16-bit dots through fp32): the op is told these
+    are for the GPU."""
+    from unittest import mock
+
+    b, hq, hkv, d, length = shape
+    module = importlib.import_module("perfml.ops.decode_attention")
+
+    def heads(h: int) -> torch.Tensor:
+        return _input(b, 1, h * d, dtype=dtype, grad=False).view(b, 1, h, d).transpose(1, 2)
+
+    q, k, v = heads(hq), heads(hkv), heads(hkv)
+    k_cache = _input(b, hkv, length, d, dtype=dtype, grad=False)
+    v_cache = _input(b, hkv, length, d, dtype=dtype, grad=False)
+    with mock.patch.object(module, "_interpreted", lambda t: False):
+        fn(q, k, v, k_cache, v_cache, torch.tensor(length - 1))
+
+
 NORM_WIDTHS = (128, 2048, 4096, 5120, 8192, 16384, 32768)  # QK-norm, 1B ... 405B, past one tile
 GLU_WIDTHS = (1536, 11008, 14336, 28672)
 SOFTMAX_WIDTHS = (128, 1000, 4096, 32768, 50257, 131072)  # up to rows past any one-tile limit
 VOCABS = (1000, 32000, 50257, 128256, 151936, 262144)
+
+# decode attention (B, Hq, Hkv, D, L): llama-1b at a short and a long cache, llama-3-8b's heads;
+# one split (the kernel writes the output itself); MHA; non-power-of-2 and 256-wide heads; MQA
+DECODE_SHAPES = (
+    (1, 16, 8, 128, 256),
+    (1, 16, 8, 128, 2048),
+    (1, 32, 8, 128, 2048),
+    (1, 16, 8, 128, 32),
+    (4, 16, 16, 64, 1024),
+    (1, 32, 32, 80, 512),
+    (1, 8, 4, 256, 1024),
+    (1, 64, 1, 128, 4096),
+)
 
 Case = tuple[str, str, Callable, tuple[torch.dtype, ...]]
 
@@ -305,6 +338,12 @@ CASES: list[Case] = [
             (32000, {"label_smoothing": 0.1, "z_loss": 1e-4}),
             (32000, {"fp32_accumulation": False}),
         )
+    ],
+    *[
+        row(
+            "decode_attention", "B={} Hq={} Hkv={} D={} L={}".format(*s), _decode_attention, shape=s
+        )
+        for s in DECODE_SHAPES
     ],
 ]
 

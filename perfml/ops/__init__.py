@@ -2,6 +2,7 @@
 
 from perfml.ops.add_rms_norm import add_rms_norm, add_rms_norm_ref
 from perfml.ops.cross_entropy import cross_entropy, cross_entropy_ref
+from perfml.ops.decode_attention import decode_attention, decode_attention_ref
 from perfml.ops.layer_norm import layer_norm, layer_norm_ref
 from perfml.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from perfml.ops.rms_norm import rms_norm, rms_norm_ref
@@ -28,4 +29,6 @@ __all__ = [
     "cross_entropy_ref",
     "linear_cross_entropy",
     "linear_cross_entropy_ref",
+    "decode_attention",
+    "decode_attention_ref",
 ]
