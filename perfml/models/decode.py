@@ -5,7 +5,10 @@ done with each kernel in microseconds, so launching them one by one from Python 
 running them. A StaticKVCache gives every step the same shapes and buffers, so the whole step
 (embedding, every layer, the head) is captured once in a CUDA graph and replayed with one launch
 per token. Quantized models (perfml.quantize) decode the same way: their Triton kernels are
-captured like any other.
+captured like any other. In a fused model (config.fused) each layer's attention is one
+perfml.ops.decode_attention kernel (cache write and attention together, the position read on the
+device) instead of SDPA over the masked cache; Llama.fuse_projections() cuts the projections to
+two matmuls per layer.
 
     decoder = Decoder(model, max_len=prompt_len + new_tokens)
     logits = decoder.prefill(prompt_ids)          # [B, V] for the last prompt position (eager)

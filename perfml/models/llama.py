@@ -43,6 +43,7 @@ from perfml.nn.rms_norm import RMSNorm
 from perfml.nn.rope import RotaryEmbedding
 from perfml.nn.swiglu import SwiGLUMLP
 from perfml.ops.add_rms_norm import add_rms_norm
+from perfml.ops.decode_attention import decode_attention
 from perfml.ops.linear_cross_entropy import linear_cross_entropy
 from perfml.ops.rope import rope
 
@@ -334,8 +335,7 @@ class StaticKVCache:
         self.position.add_(t)
         self._step = None
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, Hkv, T, D] at the device position; returns the whole buffers."""
+    def _buffers(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.length + k.shape[2] > self.max_len:
             raise ValueError(
                 f"StaticKVCache: {self.length + k.shape[2]} positions exceed max_len {self.max_len}"
@@ -344,6 +344,17 @@ class StaticKVCache:
             shape = (*k.shape[:2], self.max_len, k.shape[3])
             self._k[layer] = k.new_zeros(shape)
             self._v[layer] = v.new_zeros(shape)
+        return self._k[layer], self._v[layer]
+
+    def decode_attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One token per sequence (q [B, Hq, 1, D], k, v [B, Hkv, 1, D]): write k, v at the
+        device position and attend over the slots up to it, in one perfml kernel; [B, Hq, 1, D]."""
+        k_cache, v_cache = self._buffers(layer, k, v)
+        return decode_attention(q, k, v, k_cache, v_cache, self.position)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, Hkv, T, D] at the device position; returns the whole buffers."""
+        self._buffers(layer, k, v)
         index = self._indices(k.shape[2])[0]
         self._k[layer].index_copy_(2, index, k)
         self._v[layer].index_copy_(2, index, v)
@@ -395,11 +406,21 @@ class LlamaAttention(nn.Module):
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, k, cos, sin) if self.fused else eager_rope(q, k, cos, sin)
-        mask = None
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-            mask = cache.attention_mask(t)
-        out = _attention(q, k, v, mask)
+        if (
+            self.fused
+            and t == 1
+            and isinstance(cache, StaticKVCache)
+            and self.head_dim <= 256
+            and not (torch.is_grad_enabled() and q.requires_grad)
+        ):
+            # one kernel: the new k, v into the cache and the token's attention over it
+            out = cache.decode_attention(self.layer_idx, q, k, v)
+        else:
+            mask = None
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)
+                mask = cache.attention_mask(t)
+            out = _attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
