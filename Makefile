@@ -12,7 +12,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=64" wheel
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24" "setuptools>=77" wheel
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[dev]"
 	$(BIN)/python -c "import perfml._backend as b; e = b.extension_error(); print('perfml._C:', 'built' if e is None else 'not built (' + e + ')')"

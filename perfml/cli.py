@@ -253,6 +253,138 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- generate ---------------------------------------------------------------------------------
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path",
+        metavar="PATH",
+        help="a run directory (perfml train) or a model directory (perfml quantize / prune)",
+    )
+    p.add_argument("--prompt", default="def ", help='the text to continue (default "def ")')
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--checkpoint", default="latest", help="for a run: latest, best or a directory")
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument(
+        "--no-cuda-graph", action="store_true", help="launch each step's kernels eagerly"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _load_for_generation(path: Path, checkpoint: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a run directory or a model directory."""
+    from perfml import data
+    from perfml.quant import model_dir
+
+    if (path / model_dir.META_FILE).exists():
+        model = model_dir.load_model_dir(path)
+        meta = json.loads((path / model_dir.META_FILE).read_text())
+        source = Path(meta.get("report", {}).get("source", path))
+        candidates = [path / "tokenizer.json", source / "tokenizer.json"]
+    else:
+        model, _ = model_dir.load_run(path, checkpoint)
+        candidates = [path / "tokenizer.json"]
+    tokenizer_file = next((c for c in candidates if c.exists()), None)
+    if tokenizer_file is None:
+        raise UsageError(f"{path}: no tokenizer.json (looked in {', '.join(map(str, candidates))})")
+    return model, data.load_tokenizer(tokenizer_file)
+
+
+def _cast_floats(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The float weights to `dtype`; a quantized linear keeps its buffers (packed weights and
+    scales as quantized), only its bias follows."""
+    from perfml.quant.api import QuantizedLinear
+
+    for module in model.modules():
+        quantized = isinstance(module, QuantizedLinear)
+        for name, t in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
+            if t.is_floating_point() and (not quantized or name == "bias"):
+                t.data = t.data.to(dtype)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from perfml.models import Decoder
+
+    device = _device(args.device)
+    path = Path(args.path)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a directory")
+    try:
+        model, tokenizer = _load_for_generation(path, args.checkpoint)
+    except (*_train_errors(), ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    dtype = (
+        _DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    _cast_floats(model, dtype)
+    model = model.to(device).eval()
+    model.fuse_projections()
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise UsageError("--prompt is empty")
+    room = model.config.max_seq_len - len(prompt_ids)
+    if room < 1:
+        raise UsageError(
+            f"the prompt has {len(prompt_ids)} tokens; max_seq_len is {room + len(prompt_ids)}"
+        )
+    new_tokens = min(args.max_new_tokens, room)
+    if new_tokens < args.max_new_tokens:
+        print(f"perfml generate: {new_tokens} new tokens fit in max_seq_len", file=sys.stderr)
+    prompt = torch.tensor([prompt_ids], device=device)
+    decoder = Decoder(
+        model,
+        len(prompt_ids) + new_tokens,
+        cuda_graph=device.type == "cuda" and not args.no_cuda_graph,
+    )
+
+    def run(n: int) -> torch.Tensor:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        return decoder.generate(
+            prompt, n, temperature=args.temperature, top_k=args.top_k, generator=generator
+        )
+
+    if device.type == "cuda":  # compile the kernels and capture the step graph untimed
+        run(min(2, new_tokens))
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = run(new_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(out[0].tolist()))
+    made = out.shape[1] - prompt.shape[1]
+    graph = "CUDA graph" if decoder.cuda_graph else "eager"
+    print(
+        f"perfml generate: {made} tokens in {seconds:.3f} s ({made / seconds:.1f} tokens/s, "
+        f"prefill of {prompt.shape[1]} tokens included; {str(dtype).removeprefix('torch.')}, "
+        f"{graph}, {device})",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # --- demo -------------------------------------------------------------------------------------
 
 # The demo run, the same settings as configs/tiny.yaml: the tiny preset on the standard library's
@@ -372,6 +504,11 @@ COMMANDS: dict[str, Command] = {
         "train a model (a YAML config, --set overrides, --resume)", _train_arguments, _train
     ),
     "eval": Command("validation loss and perplexity of a run's checkpoint", _eval_arguments, _eval),
+    "generate": Command(
+        "continue a prompt with a run's or a model directory's model (KV cache, CUDA graphs)",
+        _generate_arguments,
+        _generate,
+    ),
     "demo": Command(
         "train the tiny model on this machine (--bench: then time the ops)", _demo_arguments, _demo
     ),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from perfml.models.llama import StaticKVCache
+from perfml.models.llama import StaticKVCache, _sample
 
 # warm-up steps before capture: Triton compiles, cuBLAS picks kernels, the cache allocates
 _WARMUP_STEPS = 2
@@ -144,22 +144,42 @@ class Decoder:
         self._graph = graph
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy continuation of input_ids [B, T] by max_new_tokens tokens, from an empty
-        cache; returns [B, T + max_new_tokens]."""
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue input_ids [B, T] by up to max_new_tokens tokens from an empty cache; returns
+        [B, T + n]. Llama.generate's sampling: temperature=0 (the default here) is greedy, top_k
+        keeps the k most likely tokens; a row that produced eos_token_id is padded with it, and
+        generation stops when every row has."""
         if max_new_tokens < 0:
             raise ValueError(f"Decoder.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"Decoder.generate: temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"Decoder.generate: top_k must be None or >= 1, got {top_k}")
         if input_ids.shape[-1] + max_new_tokens > self.max_len:
             raise ValueError(
                 f"Decoder.generate: prompt + max_new_tokens = "
                 f"{input_ids.shape[-1] + max_new_tokens} exceeds max_len {self.max_len}"
             )
         self.reset()
-        new = []
+        new: list[Tensor] = []
         if max_new_tokens:
-            token = self.prefill(input_ids).argmax(dim=-1)
-            new.append(token)
-            for _ in range(max_new_tokens - 1):
-                token = self.step(token).argmax(dim=-1)
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            logits = self.prefill(input_ids)
+            for step in range(max_new_tokens):
+                token = _sample(logits.float(), temperature, top_k, generator)
+                if eos_token_id is not None:
+                    token = torch.where(done, eos_token_id, token)
+                    done |= token == eos_token_id
                 new.append(token)
+                if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                    break
+                logits = self.step(token)
         return torch.cat([input_ids, *(t.unsqueeze(1) for t in new)], dim=1)

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -221,6 +222,9 @@ def _run(args: argparse.Namespace, pass_name: str) -> int:
         report=report,
     )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    tokenizer = Path(args.run_dir) / "tokenizer.json"
+    if tokenizer.exists():  # perfml generate reads it next to the model
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
     if result is None:
         change = (
             f"perplexity {before['ppl']:.3f} -> {after['ppl']:.3f} "

@@ -163,3 +163,26 @@ def test_cuda_graph_replay_matches_eager_steps(method):
     graphed.reset(5)  # replays after a rewind give the same logits
     again = torch.stack([graphed.step(tokens[:, i]).clone() for i in range(6)], dim=1)
     torch.testing.assert_close(again, got[:, 1:], rtol=0, atol=0)
+
+
+def test_sampling_and_eos_follow_llama_generate():
+    model = small(seed=6)
+    prompt = ids(2, 4)
+    decoder = Decoder(model, 16, batch_size=2)
+    for kwargs in ({"temperature": 0.8, "top_k": 5}, {"temperature": 1.3}):
+        expected = model.generate(
+            prompt, 9, generator=torch.Generator(DEVICE).manual_seed(3), **kwargs
+        )
+        got = decoder.generate(
+            prompt, 9, generator=torch.Generator(DEVICE).manual_seed(3), **kwargs
+        )
+        assert torch.equal(got, expected), kwargs
+    # eos: rows that produced it are padded with it; all rows done -> stop early
+    greedy = model.generate(prompt, 9, temperature=0)
+    eos = int(greedy[0, 5])
+    expected = model.generate(prompt, 9, temperature=0, eos_token_id=eos)
+    assert torch.equal(decoder.generate(prompt, 9, eos_token_id=eos), expected)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        decoder.generate(prompt, 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_k must be None or >= 1"):
+        decoder.generate(prompt, 2, top_k=0)

@@ -194,3 +194,49 @@ def test_include_head_is_recorded_and_replayed_on_load(run_dir, tmp_path, capsys
     ids = torch.randint(0, 257, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_generate_from_a_run_and_from_a_quantized_model_dir(run_dir, tmp_path, capsys):
+    from perfml import data
+
+    argv = ["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens", "12"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    # greedy: the same text as the checkpoint's own Llama.generate
+    model, _ = model_dir.load_run(run_dir)
+    tokenizer = data.load_tokenizer(run_dir / "tokenizer.json")
+    prompt = torch.tensor([tokenizer.encode("def f")])
+    expected = tokenizer.decode(model.generate(prompt, 12, temperature=0)[0].tolist())
+    assert out == expected + "\n"
+    assert "12 tokens in" in err and "tokens/s" in err and "float32, eager, cpu" in err
+
+    quantized = tmp_path / "q"
+    argv = ["quantize", str(run_dir), "--method", "int8", "--out", str(quantized)]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    assert (quantized / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
+    capsys.readouterr()
+    argv = ["generate", str(quantized), "--max-new-tokens", "6", "--temperature", "0.8"]
+    assert cli.main([*argv, "--top-k", "5", "--dtype", "bf16", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def ") and "6 tokens in" in err and "bfloat16" in err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-k", "0"], "--top-k must be >= 1"),
+        (["--prompt", ""], "--prompt is empty"),
+    ],
+)
+def test_generate_bad_arguments(run_dir, extra, message, capsys):
+    assert cli.main(["generate", str(run_dir), *extra, "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_needs_a_directory_with_a_model(tmp_path, capsys):
+    assert cli.main(["generate", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert cli.main(["generate", str(tmp_path), "--device", "cpu"]) == 2
+    assert "perfml generate: error:" in capsys.readouterr().err
