@@ -15,6 +15,10 @@ the op's exact rounding, the one defined by its `*_ref` in perfml/ops:
   w8a16_mm          (perfml.quant Int8WeightOnly) QDQ: DequantizeLinear of the int8 weight with
                     its per-channel scale (axis 1 of the transposed weight) -> MatMul in fp32, the
                     form onnxruntime's quantization tooling emits and its runtime recognizes
+  w4a16_mm          (perfml.quant Int4WeightOnly) the packed uint8 weight stays packed: a
+                    DequantizeLinear (scale 1) reads the bytes, Floor / Sub split the nibbles,
+                    each group's zero point and scale apply, K's padding goes, the weight is
+                    rounded to x's dtype like the kernel -> MatMul in fp32
 
 Why the fused standard ops only for fp32: RMSNormalization and LayerNormalization round the
 normalized value to the input type before the scale (their ONNX function bodies) or not (some
@@ -36,7 +40,7 @@ import onnx_ir as ir
 import onnxscript
 import torch
 
-import perfml.quant.kernels  # noqa: F401  (registers perfml::w8a16_mm)
+import perfml.quant.kernels  # noqa: F401  (registers perfml::w8a16_mm and w4a16_mm)
 from perfml.ops.rms_norm import CASTS
 from perfml.ops.swiglu import ACTIVATIONS
 
@@ -204,6 +208,35 @@ def build_table(opset: int, rms_normalization: bool) -> dict[Any, Callable[..., 
         )
         return to(op.MatMul(to(x, x.dtype, compute), w), compute, x.dtype)
 
+    def w4a16_mm(x, packed, scale, zero, group_size):
+        # x [M, K] @ dequant(packed)[:, :K].T. The packed uint8 weight stays in the file: a
+        # DequantizeLinear with scale 1 reads its bytes as floats (the exporter's constant
+        # folding stops at DequantizeLinear, as for int8, so the weights are not stored
+        # dequantized), the nibbles are split exactly in fp32 (low = even k, high = odd k),
+        # each group's zero point and scale applied, K's padding dropped, the weight rounded to
+        # x's dtype like the kernel before its dot, and the MatMul done in fp32
+        compute = _compute(x.dtype)
+        byte = op.DequantizeLinear(packed, op.Constant(value_float=1.0))  # [N, Kp / 2] fp32
+        high = op.Floor(op.Mul(byte, op.Constant(value_float=1.0 / 16)))
+        low = op.Sub(byte, op.Mul(high, op.Constant(value_float=16.0)))
+        last = last_axis()
+        nibbles = op.Concat(op.Unsqueeze(low, last), op.Unsqueeze(high, last), axis=-1)
+        q = to(
+            op.Reshape(nibbles, op.Constant(value_ints=[0, -1, group_size])),
+            ir.DataType.FLOAT,
+            compute,
+        )  # [N, Kp / group, group]
+        z = op.Unsqueeze(op.Cast(zero, to=compute), last)
+        s = op.Unsqueeze(to(scale, scale.dtype, compute), last)
+        w = op.Reshape(op.Mul(op.Sub(q, z), s), op.Constant(value_ints=[0, -1]))  # [N, Kp]
+        w = op.Slice(
+            w, op.Constant(value_ints=[0]), op.Shape(x, start=-1), op.Constant(value_ints=[1])
+        )
+        if compute != x.dtype:
+            w = to(to(w, compute, x.dtype), x.dtype, compute)
+        out = op.MatMul(to(x, x.dtype, compute), op.Transpose(w, perm=[1, 0]))
+        return to(out, compute, x.dtype)
+
     ops = torch.ops.perfml
     return {
         ops.rms_norm_fwd.default: rms_norm_fwd,
@@ -213,4 +246,5 @@ def build_table(opset: int, rms_normalization: bool) -> dict[Any, Callable[..., 
         ops.rope_fwd.default: rope_fwd,
         ops.softmax_fwd.default: softmax_fwd,
         ops.w8a16_mm.default: w8a16_mm,
+        ops.w4a16_mm.default: w4a16_mm,
     }

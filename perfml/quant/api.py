@@ -109,7 +109,7 @@ def quantize(model: nn.Module, config: Any, *, filter_fn: FilterFn | None = None
                 f"quantize: {fqn or 'the model'} is already quantized ({module.config}); "
                 "quantize the float model instead"
             )
-    if select(model, ""):
+    if isinstance(model, nn.Linear) and select(model, ""):
         return transform(model, config)
     targets = [
         (fqn, module)

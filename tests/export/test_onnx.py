@@ -226,6 +226,69 @@ def test_int8_weight_only_llama_exports_as_dequantize_linear_matmul(tmp_path):
     assert any("MatMulNBits" in note for note in report.notes)
 
 
+@pytest.mark.parametrize("group_size,hidden", [(64, 128), (32, 80)])
+def test_int4_weight_only_llama_exports_with_packed_weights(tmp_path, group_size, hidden):
+    """Int4 weight-only (K padded to the group when hidden is not a multiple of it) exports with
+    its uint8 nibble pairs as initializers and matches PyTorch in onnxruntime."""
+    from perfml import quant
+    from perfml.quant.model_dir import describe_config, save_model_dir
+
+    config = LlamaConfig.preset(
+        "tiny", num_layers=1, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=4
+    )
+    model = Llama(config)
+    q = quant.Int4WeightOnlyConfig(group_size=group_size)
+    quant.quantize(model, q)
+    passes = [describe_config("quantize", q)]
+    model_dir = save_model_dir(
+        model, tmp_path / "int4", model_config=config.to_dict(), passes=passes, report={}
+    )
+    report = export_onnx.export_run(model_dir, tmp_path / "q4.onnx", batch=2, seq=8)
+    assert report.perfml_ops["perfml::w4a16_mm"] == 7
+    assert report.parity.ok, report.parity
+    graph = onnx.load(str(report.path)).graph
+    packed = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.UINT8}
+    linears = [m for m in model.modules() if isinstance(m, quant.Int4WeightOnlyLinear)]
+    assert len(packed) == len(linears) == 7  # the nibble pairs stay packed in the file
+    assert all(name.endswith(".weight_int4") for name in packed)
+    # and no dequantized copy of any of them was folded into a float initializer
+    dense_shapes = {(m.out_features, m.in_features) for m in linears}
+    dense_shapes |= {(k, n) for n, k in dense_shapes}
+    floats = [tuple(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert not dense_shapes & set(floats)
+
+
+def test_int4_translation_rounds_the_weight_like_the_kernel_in_fp16(tmp_path):
+    """fp16: the dequantized weight is rounded to fp16 before the fp32 matmul, as the kernel
+    does; outputs within an fp16 ulp of PyTorch's at a new batch size (K = 80 pads to 96)."""
+    from perfml import quant
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(80, 48, bias=False).half())
+    quant.quantize(model, quant.Int4WeightOnlyConfig(group_size=32), filter_fn=lambda m, f: True)
+    x = torch.randn(4, 80).half()
+    report = to_onnx(model, (x,), tmp_path / "q4.onnx", dynamic_seq=False)
+    assert report.parity.ok
+    fresh = torch.randn(7, 80).half()
+    (got,) = _run_ort(report.path, fresh)
+    with torch.no_grad():
+        want = model(fresh)
+    assert got.dtype == torch.float16 and got.shape == want.shape
+    diff = (got.double() - want.double()).abs()
+    assert (diff <= _ulp(want) + 1e-6 * want.double().abs().max()).all()
+
+
+@pytest.mark.parametrize("config", ["Int8DynamicConfig", "Float8Config"])
+def test_dynamic_int8_and_float8_models_export_through_their_torch_ops(tmp_path, config):
+    from perfml import quant
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    quant.quantize(model, getattr(quant, config)(), filter_fn=lambda m, f: True)
+    report = to_onnx(model, (torch.randn(4, 64),), tmp_path / "q.onnx", dynamic_seq=False)
+    assert report.parity.ok and report.parity.max_rel_err < 1e-5
+
+
 # --- external data ----------------------------------------------------------------------------
 
 

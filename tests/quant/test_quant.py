@@ -279,3 +279,11 @@ def test_gpu_kernels_at_llama_shapes(m):
     out4 = kernels.w4a16_mm(x, packed, s4.bfloat16(), z4, 64)
     ref4 = kernels.w4a16_mm_ref(x, packed, s4.bfloat16(), z4, 64)
     assert sqnr(ref4, out4) >= 40
+
+
+def test_a_filter_that_accepts_everything_converts_only_the_linears():
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    quant.quantize(model, quant.Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: True)
+    assert isinstance(model[0], quant.Int8WeightOnlyLinear)
+    assert isinstance(model[1], nn.ReLU)
+    assert isinstance(model[2], quant.Int8WeightOnlyLinear)
