@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from perfml.models.llama import StaticKVCache, _sample
+from perfml.models.llama import StaticKVCache, check_sampling, sample_tokens
 
 # warm-up steps before capture: Triton compiles, cuBLAS picks kernels, the cache allocates
 _WARMUP_STEPS = 2
@@ -157,29 +157,20 @@ class Decoder:
         [B, T + n]. Llama.generate's sampling: temperature=0 (the default here) is greedy, top_k
         keeps the k most likely tokens; a row that produced eos_token_id is padded with it, and
         generation stops when every row has."""
-        if max_new_tokens < 0:
-            raise ValueError(f"Decoder.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"Decoder.generate: temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"Decoder.generate: top_k must be None or >= 1, got {top_k}")
+        check_sampling("Decoder.generate", max_new_tokens, temperature, top_k)
         if input_ids.shape[-1] + max_new_tokens > self.max_len:
             raise ValueError(
                 f"Decoder.generate: prompt + max_new_tokens = "
                 f"{input_ids.shape[-1] + max_new_tokens} exceeds max_len {self.max_len}"
             )
         self.reset()
-        new: list[Tensor] = []
-        if max_new_tokens:
-            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            logits = self.prefill(input_ids)
-            for step in range(max_new_tokens):
-                token = _sample(logits.float(), temperature, top_k, generator)
-                if eos_token_id is not None:
-                    token = torch.where(done, eos_token_id, token)
-                    done |= token == eos_token_id
-                new.append(token)
-                if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-                    break
-                logits = self.step(token)
-        return torch.cat([input_ids, *(t.unsqueeze(1) for t in new)], dim=1)
+        return sample_tokens(
+            input_ids,
+            max_new_tokens,
+            lambda: self.prefill(input_ids),
+            self.step,
+            temperature,
+            top_k,
+            eos_token_id,
+            generator,
+        )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -619,12 +620,7 @@ class Llama(nn.Module):
         """Continue input_ids [B, T] by up to max_new_tokens tokens with a KV cache; returns
         [B, T + n]. temperature=0 is greedy; top_k keeps the k most likely tokens. A row that
         produced eos_token_id is padded with it; generation stops when every row has."""
-        if max_new_tokens < 0:
-            raise ValueError(f"Llama.generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"Llama.generate: temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"Llama.generate: top_k must be None or >= 1, got {top_k}")
+        check_sampling("Llama.generate", max_new_tokens, temperature, top_k)
         total = input_ids.shape[-1] + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(
@@ -632,19 +628,55 @@ class Llama(nn.Module):
                 f"{self.config.max_seq_len}"
             )
         cache = KVCache(self.config.num_layers, total)
-        hidden = self.hidden_states(input_ids, cache)[:, -1]
+        return sample_tokens(
+            input_ids,
+            max_new_tokens,
+            lambda: self.logits(self.hidden_states(input_ids, cache)[:, -1]),
+            lambda token: self.logits(self.hidden_states(token.unsqueeze(1), cache)[:, -1]),
+            temperature,
+            top_k,
+            eos_token_id,
+            generator,
+        )
+
+
+def check_sampling(who: str, max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """The generation arguments every generate() shares; a ValueError naming the bad one."""
+    if max_new_tokens < 0:
+        raise ValueError(f"{who}: max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"{who}: temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{who}: top_k must be None or >= 1, got {top_k}")
+
+
+def sample_tokens(
+    input_ids: Tensor,
+    max_new_tokens: int,
+    first_logits: Callable[[], Tensor],
+    next_logits: Callable[[Tensor], Tensor],
+    temperature: float,
+    top_k: int | None,
+    eos_token_id: int | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The sampling loop of every generate(): first_logits() runs the prompt, next_logits(token
+    [B]) feeds one token per row; both return the logits [B, V] of the last position. A row that
+    produced eos_token_id is padded with it; the loop stops when every row has. [B, T + n]."""
+    new: list[Tensor] = []
+    if max_new_tokens:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = []
+        logits = first_logits()
         for step in range(max_new_tokens):
-            token = _sample(self.logits(hidden).float(), temperature, top_k, generator)
+            token = _sample(logits.float(), temperature, top_k, generator)
             if eos_token_id is not None:
                 token = torch.where(done, eos_token_id, token)
                 done |= token == eos_token_id
             new.append(token)
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            hidden = self.hidden_states(token.unsqueeze(1), cache)[:, -1]
-        return torch.cat([input_ids, *(t.unsqueeze(1) for t in new)], dim=1)
+            logits = next_logits(token)
+    return torch.cat([input_ids, *(t.unsqueeze(1) for t in new)], dim=1)
 
 
 def _sample(
