@@ -44,7 +44,7 @@ from perfml.nn.rms_norm import RMSNorm
 from perfml.nn.rope import RotaryEmbedding
 from perfml.nn.swiglu import SwiGLUMLP
 from perfml.ops.add_rms_norm import add_rms_norm
-from perfml.ops.decode_attention import decode_attention
+from perfml.ops.decode_attention import MAX_HEAD_DIM, decode_attention
 from perfml.ops.linear_cross_entropy import linear_cross_entropy
 from perfml.ops.rope import rope
 
@@ -411,7 +411,7 @@ class LlamaAttention(nn.Module):
             self.fused
             and t == 1
             and isinstance(cache, StaticKVCache)
-            and self.head_dim <= 256
+            and self.head_dim <= MAX_HEAD_DIM
             and not (torch.is_grad_enabled() and q.requires_grad)
         ):
             # one kernel: the new k, v into the cache and the token's attention over it
