@@ -216,7 +216,11 @@ def select(op: str, device: torch.device, *, has_cpp: bool = False) -> str:
         return "reference"
     if not has_cpp:
         if setting == "cpp":
-            raise RuntimeError(f"perfml.{op}: there is no C++ CPU kernel for this op")
+            raise RuntimeError(
+                f"perfml.{op}: PERFML_BACKEND=cpp, but this op has no C++ CPU kernel; for it use "
+                "PERFML_BACKEND=auto (the default) or reference, or triton in interpret mode "
+                "(TRITON_INTERPRET=1)"
+            )
         return "reference"
     if has_extension():
         return "cpp"

@@ -1,8 +1,11 @@
 """perfml.nn.CrossEntropyLoss and LinearCrossEntropyLoss: the fused losses as criterion modules.
 
-CrossEntropyLoss replaces torch.nn.CrossEntropyLoss for class-index targets with the class
-dimension last (logits [..., V], target [...]: the LM-head layout; for 2-D logits that is
-torch's layout too). Class weights and probability targets are not supported.
+CrossEntropyLoss replaces torch.nn.CrossEntropyLoss for class-index targets, with torch's shape
+convention: input [N, C] with target [N], input [C] with target [] (one sample), and input
+[N, C, d1, ...] with target [N, d1, ...] (classes on dim 1). The functional perfml.ops.cross_entropy
+takes the class dimension last instead (logits [..., V], target [...]: the LM-head layout); for
+[B, T, V] LM logits use it, or flatten them to [B * T, V] for this module. Class weights and
+probability targets are refused with an error rather than ignored.
 
 LinearCrossEntropyLoss holds no parameters: forward(hidden, weight, target, bias=None) takes the
 LM head's weight (and bias) from the model that owns it, so tied embeddings and state_dicts stay
@@ -15,6 +18,31 @@ from torch import Tensor, nn
 
 from perfml.ops.cross_entropy import check_options, cross_entropy
 from perfml.ops.linear_cross_entropy import linear_cross_entropy
+
+
+def _classes_last(input: Tensor, target: Tensor) -> Tensor:
+    """torch.nn.CrossEntropyLoss's layout (classes on dim 1 of a K-dim input) -> classes last."""
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(
+            "CrossEntropyLoss: input and target must be Tensors, got "
+            f"{type(input).__name__} and {type(target).__name__}"
+        )
+    if target.is_floating_point():
+        raise TypeError(
+            "CrossEntropyLoss: target holds floating values (class probabilities); only class "
+            "indices (int64 or int32) are supported: use torch.nn.CrossEntropyLoss for soft targets"
+        )
+    if input.dim() <= 2:  # [N, C] with [N], or [C] with []: the class dim is already last
+        return input
+    expected = (input.shape[0], *input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            "CrossEntropyLoss: follows torch.nn.CrossEntropyLoss, classes on dim 1: input "
+            f"{tuple(input.shape)} = [N, C, d1, ...] needs target [N, d1, ...] = {expected}, got "
+            f"{tuple(target.shape)}. For LM logits [B, T, V] with target [B, T] use "
+            "perfml.ops.cross_entropy (classes last) or flatten to [B * T, V]"
+        )
+    return input.movedim(1, -1)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -49,8 +77,9 @@ class CrossEntropyLoss(nn.Module):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        logits = _classes_last(input, target)
         return cross_entropy(
-            input,
+            logits,
             target,
             ignore_index=self.ignore_index,
             reduction=self.reduction,

@@ -335,7 +335,7 @@ def _check(x: Tensor, residual: Tensor, weight: Tensor) -> None:
             raise TypeError(f"add_rms_norm: {name} must be a Tensor, got {type(t).__name__}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(
-            f"add_rms_norm: x must be a floating tensor (fp32/bf16/fp16), got {x.dtype}"
+            f"add_rms_norm: x must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {x.dtype}"
         )
     if residual.dtype != x.dtype:
         raise TypeError(

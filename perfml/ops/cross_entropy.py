@@ -303,6 +303,9 @@ def _ce_rows_triton(
     n, v = x2.shape
     if n == 0:
         return
+    # The kernel reads target `row` at TARGET + row: a strided view (labels[:, ::2], a column)
+    # must be made dense first, or every row past the first reads another row's target.
+    t = t.contiguous()
     block, num_warps = _fwd_config(v)
     grad = grad_out if grad_out is not None else x2
     _cross_entropy_fwd_kernel[(n,)](
@@ -706,7 +709,7 @@ def _check(logits: Tensor, target: Tensor) -> None:
         raise TypeError(f"cross_entropy: logits must be a Tensor, got {type(logits).__name__}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(
-            f"cross_entropy: logits must be a floating tensor (fp32/bf16/fp16), got {logits.dtype}"
+            f"cross_entropy: logits must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {logits.dtype}"
         )
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(

@@ -79,7 +79,8 @@ def _layer_norm_bwd_ref(
     c1 = (xhat * wdy).mean(-1, keepdim=True)
     c2 = wdy.mean(-1, keepdim=True)
     dx = ((wdy - xhat * c1 - c2) * r).to(x.dtype)
-    dw = db = x.new_empty(0)
+    # two distinct empties: outputs of a custom op may not alias each other or an input
+    dw, db = x.new_empty(0), x.new_empty(0)
     if weight is not None and needs_dw:
         dw = (dyf * xhat).reshape(-1, n).sum(0).to(weight.dtype)
     if bias is not None and needs_db:
@@ -419,7 +420,9 @@ def _check(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"layer_norm: x must be a Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"layer_norm: x must be a floating tensor (fp32/bf16/fp16), got {x.dtype}")
+        raise TypeError(
+            f"layer_norm: x must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {x.dtype}"
+        )
     if x.dim() == 0:
         raise ValueError("layer_norm: x must have at least one dimension (the hidden size)")
     n = x.shape[-1]

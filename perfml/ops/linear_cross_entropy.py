@@ -435,7 +435,7 @@ def _check(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None) 
             raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise TypeError(
-                f"{op}: {name} must be a floating tensor (fp32/bf16/fp16), got {t.dtype}"
+                f"{op}: {name} must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {t.dtype}"
             )
     if hidden.dim() == 0:
         raise ValueError(f"{op}: hidden must be [..., H], got a 0-dim tensor")

@@ -397,7 +397,7 @@ def _check(x: Tensor, weight: Tensor | None, offset: float, cast: str) -> None:
     if cast not in CASTS:
         raise ValueError(f"rms_norm: cast must be one of {sorted(CASTS)}, got {cast!r}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"rms_norm: x must be a floating tensor (fp32/bf16/fp16), got {x.dtype}")
+        raise TypeError(f"rms_norm: x must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("rms_norm: x must have at least one dimension (the hidden size)")
     n = x.shape[-1]

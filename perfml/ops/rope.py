@@ -527,7 +527,7 @@ def _check(
                 f"got shape {tuple(x.shape)}"
             )
     if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"rope: q must be a floating tensor (fp32/bf16/fp16), got {q.dtype}")
+        raise TypeError(f"rope: q must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {q.dtype}")
     if k.dtype != q.dtype:
         raise TypeError(f"rope: q and k must share a dtype, got q {q.dtype} and k {k.dtype}")
     if k.device != q.device:

@@ -297,11 +297,17 @@ _softmax_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # --- 5. public API ---------------------------------------------------------------------------
 
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_DTYPE_NAMES = "float32, bfloat16, float16, float64"
+
+
 def _check(x: Tensor, dim: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"softmax: x must be a Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"softmax: x must be a floating tensor (fp32/bf16/fp16), got {x.dtype}")
+        raise TypeError(
+            f"softmax: x must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {x.dtype}"
+        )
     if not isinstance(dim, int) or isinstance(dim, bool):
         raise TypeError(f"softmax: dim must be an int, got {type(dim).__name__}")
     ndim = max(x.dim(), 1)
@@ -312,12 +318,18 @@ def _check(x: Tensor, dim: int) -> None:
         )
 
 
-def softmax(x: Tensor, dim: int = -1) -> Tensor:
-    """torch.softmax(x, dim) computed in fp32 and returned in x.dtype, differentiable.
+def softmax(x: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Tensor:
+    """torch.softmax(x, dim, dtype=dtype) computed in fp32 and returned in x.dtype, differentiable.
 
-    Any row length. A `dim` other than the last costs a transposing copy each way (see the
-    module docstring).
+    `dtype`, as in torch: x is cast to it first and the result has that dtype (one of fp32,
+    bf16, fp16, fp64). Any row length. A `dim` other than the last costs a transposing copy each
+    way (see the module docstring).
     """
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or dtype not in _DTYPES:
+            raise TypeError(f"softmax: dtype must be None or one of {_DTYPE_NAMES}, got {dtype!r}")
+        if isinstance(x, Tensor) and x.dtype != dtype:
+            x = x.to(dtype)
     _check(x, dim)
     if x.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         return softmax_ref(x, dim)

@@ -26,14 +26,36 @@ def test_cross_entropy_loss_matches_torch(reduction):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_cross_entropy_loss_on_lm_logits_and_extra_options():
-    # [B, T, V] logits with [B, T] targets (class dim last), z_loss and softcap passed through
-    logits = torch.randn(2, 5, 30, device=DEVICE)
-    target = torch.randint(0, 30, (2, 5), device=DEVICE)
+def test_cross_entropy_loss_extra_options_pass_through():
+    logits = torch.randn(10, 30, device=DEVICE)
+    target = torch.randint(0, 30, (10,), device=DEVICE)
     loss = CrossEntropyLoss(z_loss=1e-3, softcap=5.0)(logits, target)
     torch.testing.assert_close(loss, cross_entropy(logits, target, z_loss=1e-3, softcap=5.0))
-    plain = CrossEntropyLoss()(logits, target)
-    torch.testing.assert_close(plain, F.cross_entropy(logits.reshape(-1, 30), target.reshape(-1)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(2, 5, 5), (2, 7, 3), (2, 4, 3, 2)])
+def test_cross_entropy_loss_takes_classes_on_dim_1_like_torch(shape, reduction):
+    # [N, C, d1, ...] with target [N, d1, ...]; (2, 5, 5) is the shape where a last-dim
+    # convention would also accept the target and compute another loss without an error
+    logits = torch.randn(*shape, device=DEVICE)
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=DEVICE)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    la = CrossEntropyLoss(reduction=reduction)(a, target)
+    lb = nn.CrossEntropyLoss(reduction=reduction)(b, target)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    la.sum().backward()
+    lb.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_loss_single_sample_and_refusals():
+    logits, target = torch.randn(6, device=DEVICE), torch.tensor(2, device=DEVICE)
+    torch.testing.assert_close(CrossEntropyLoss()(logits, target), F.cross_entropy(logits, target))
+    with pytest.raises(ValueError, match=r"classes on dim 1.*perfml.ops.cross_entropy"):
+        CrossEntropyLoss()(torch.randn(2, 5, 30, device=DEVICE), torch.zeros(2, 5).long())
+    with pytest.raises(TypeError, match="class probabilities"):
+        CrossEntropyLoss()(torch.randn(4, 3, device=DEVICE), torch.rand(4, 3, device=DEVICE))
 
 
 def test_cross_entropy_loss_inplace_backward():

@@ -98,3 +98,29 @@ def test_bad_construction():
 def test_wrong_input_width_names_the_weight():
     with pytest.raises(ValueError, match="weight must have shape"):
         RMSNorm(8).to(DEVICE)(torch.randn(2, 9, device=DEVICE))
+
+
+@pytest.mark.parametrize("shape", [(5,), [5], torch.Size([5])])
+def test_normalized_shape_as_a_sequence_like_torch(shape):
+    # torch.nn.RMSNorm((5,), eps=1e-3): a tuple/list normalized_shape used to raise a TypeError
+    ours, theirs = RMSNorm(shape, eps=1e-3, cast="none"), torch.nn.RMSNorm(shape, eps=1e-3)
+    assert ours.normalized_shape == (5,) == tuple(theirs.normalized_shape)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_eps_none_is_the_dtype_epsilon_like_torch():
+    x = torch.randn(4, 6) * 1e-4
+    torch.testing.assert_close(RMSNorm(6, eps=None, cast="none")(x), torch.nn.RMSNorm(6)(x))
+
+
+def test_multi_dim_normalized_shape_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match="only normalization over the last dimension"):
+        RMSNorm((2, 5))
+    with pytest.raises(TypeError, match="must be an int or a sequence of ints"):
+        RMSNorm("5")
+
+
+def test_no_affine_checks_the_input_width():
+    with pytest.raises(ValueError, match="expected input with last dimension 8"):
+        RMSNorm(8, elementwise_affine=False)(torch.randn(2, 9))

@@ -556,3 +556,28 @@ def test_backward_allocates_no_zeros_for_the_stored_gradient():
         and any(list(s) == [16, 777] for s in e.input_shapes if s)
     ]
     assert not big, f"logits-sized zero fills in the backward: {big}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("layout", ["every-other", "column", "2d-strided"])
+def test_strided_target(layout, reduction, dtype, poison_empty):
+    # a target that flattens to a strided view (labels[::2], a column of a 2-D label tensor,
+    # strides (10, 2)): the kernel used to read target[row] at the dense offset
+    if layout == "every-other":
+        logits, _ = _inputs((5, 37), dtype, ignore=())
+        target = torch.randint(0, 37, (10,), device=DEVICE)[::2]
+    elif layout == "column":
+        logits, _ = _inputs((6, 37), dtype, ignore=())
+        target = torch.randint(0, 37, (6, 3), device=DEVICE)[:, 1]
+    else:
+        logits, _ = _inputs((2, 5, 37), dtype, ignore=())
+        target = torch.randint(0, 37, (2, 10), device=DEVICE)[:, ::2]
+    assert not target.is_contiguous()
+    dy = _upstream(() if reduction != "none" else target.shape, dtype)
+    _check_against_reference(logits, target, dy, reduction=reduction, label_smoothing=0.1)
+    # and the same values as the dense copy of that target
+    got = _run(cross_entropy, logits, target, dy, reduction=reduction)
+    dense = _run(cross_entropy, logits, target.contiguous(), dy, reduction=reduction)
+    torch.testing.assert_close(got[0], dense[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], dense[1], rtol=0, atol=0)

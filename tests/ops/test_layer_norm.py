@@ -264,8 +264,18 @@ def test_hidden_size_limit():
 # --- torch.library integration ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("has_weight,has_bias", [(True, True), (True, False), (False, True)])
-def test_opcheck(has_weight, has_bias):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize(
+    "has_weight,has_bias", [(True, True), (True, False), (False, True), (False, False)]
+)
+def test_opcheck(has_weight, has_bias, backend):
+    # (False, False) on the reference path: its backward once returned one empty tensor as both
+    # dweight and dbias, which torch.library refuses (outputs may not alias)
+    with _backend.force(backend):
+        _opcheck(has_weight, has_bias)
+
+
+def _opcheck(has_weight, has_bias):
     x = torch.randn(3, 5, 40, device=DEVICE, requires_grad=True)
     w = torch.randn(40, device=DEVICE, requires_grad=True) if has_weight else None
     b = torch.randn(40, device=DEVICE, requires_grad=True) if has_bias else None
@@ -344,3 +354,20 @@ def test_more_than_2_to_the_31_elements():
     layer_norm_ref(xr, w.double(), b.double()).backward(dy[tail].double())
     assert torch.isfinite(xg.grad[tail]).all()
     torch.testing.assert_close(xg.grad[tail].double(), xr.grad, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_backward_without_weight_and_bias(backend):
+    # perfml.ops.layer_norm on [1, 2] and nn.LayerNorm(elementwise_affine=False) used to crash in
+    # the CPU backward (torch.library's aliasing check)
+    x = torch.randn(4, 5, 5, device=DEVICE).requires_grad_()
+    dy = torch.randn(4, 5, 5, device=DEVICE)
+    with _backend.force(backend):
+        layer_norm(x).backward(dy)
+        layer_norm(x[:1, 0, :2]).sum().backward()  # the [1, 2] case of the report
+    x.grad = None
+    with _backend.force(backend):
+        layer_norm(x).backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    layer_norm_ref(x64).backward(dy.double())
+    assert_matches_reference(x.grad, x64.grad, name="dx")

@@ -449,3 +449,16 @@ def test_compile_inductor_with_backward():
     f(h, w, bb).backward()
     for got, t in zip(grads, (h, w, bb), strict=True):
         torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunk_size", [3, None])
+def test_strided_target(chunk_size, reduction, dtype, poison_empty):
+    # a target that is a strided view (every other label): each chunk reads its own rows'
+    # targets, not the dense offsets
+    hidden, weight, _, b = _inputs(9, 16, 41, dtype, bias=True)
+    target = torch.randint(0, 41, (18,), device=DEVICE)[::2]
+    assert not target.is_contiguous()
+    dy = _upstream(() if reduction != "none" else (9,), dtype)
+    _check(hidden, weight, target, b, dy, {"chunk_size": chunk_size}, reduction=reduction)

@@ -239,3 +239,18 @@ def test_more_than_2_to_the_31_elements(n):
     base = _run(torch.softmax, x[tail], dy[tail])
     for name, g, r, b in zip(("y", "dx"), (y[tail], dx[tail]), want, base, strict=True):
         assert_matches_reference(g, r, b, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dtype_keyword_like_torch(dtype):
+    # torch.softmax(x, dim, dtype=...) casts x first and returns that dtype
+    x = torch.randn(3, 17, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    y = softmax(x, 1, dtype=dtype)
+    assert y.dtype == dtype
+    want = torch.softmax(x.detach().double(), 1)
+    base = torch.softmax(x.detach(), 1, dtype=dtype)
+    assert_matches_reference(y.detach(), want, base)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float16
+    with pytest.raises(TypeError, match="dtype must be None or one of"):
+        softmax(x, 1, dtype=torch.int32)
