@@ -90,7 +90,9 @@ class Decoder:
     def _room(self, t: int, what: str) -> None:
         if self.cache.length + t > self.max_len:
             raise ValueError(
-                f"Decoder.{what}: {self.cache.length + t} positions exceed max_len {self.max_len}"
+                f"Decoder.{what}: {self.cache.length + t} positions exceed max_len {self.max_len} "
+                f"({self.cache.length} of {self.max_len} positions are already filled; call "
+                f"reset() to start over or reset(n) to keep the first n, e.g. the prompt)"
             )
 
     @torch.no_grad()

@@ -186,3 +186,17 @@ def test_sampling_and_eos_follow_llama_generate():
         decoder.generate(prompt, 2, temperature=-1)
     with pytest.raises(ValueError, match="top_k must be None or >= 1"):
         decoder.generate(prompt, 2, top_k=0)
+
+
+def test_prefill_after_generate_says_to_reset():
+    """generate() leaves the cache full; a second prefill must say how to start over."""
+    model = small(seed=5)
+    prompt = ids(1, 4)
+    decoder = Decoder(model, 8)
+    decoder.generate(prompt, 4, temperature=0)
+    with pytest.raises(ValueError, match=r"7 of 8 positions are already filled.*reset\(\)"):
+        decoder.prefill(prompt)
+    decoder.reset()
+    with torch.no_grad():
+        expected = model(prompt)[:, -1]
+    torch.testing.assert_close(decoder.prefill(prompt), expected, rtol=1e-5, atol=1e-5)
