@@ -23,15 +23,15 @@ from torch import Tensor
 
 from perfml import _backend
 from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
-from perfml.ops.rms_norm import (
+from perfml.ops._norm import (
     CASTS,
     MAX_HIDDEN,
     _compute_dtype,
     _out_dtype,
     _rms_norm_bwd_ref,
     _rms_norm_fwd_ref,
-    rms_norm_ref,
 )
+from perfml.ops.rms_norm import rms_norm_ref
 
 _LLAMA = CASTS["llama"]
 _FWD_ONE_TILE_MAX = 16384  # widest row kept in registers in the forward

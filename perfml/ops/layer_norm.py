@@ -25,7 +25,7 @@ from torch import Tensor
 
 from perfml import _backend
 from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
-from perfml.ops.rms_norm import MAX_HIDDEN, _compute_dtype
+from perfml.ops._norm import MAX_HIDDEN, _compute_dtype
 
 _FWD_ONE_TILE_MAX = 16384  # widest row kept in registers in the forward
 _BWD_ONE_TILE_MAX = 8192  # the backward holds x, dy, w and two partial sums: a smaller tile
