@@ -55,11 +55,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from perfml.models.llama import EagerMLP, LlamaAttention
-from perfml.nn.swiglu import SwiGLUMLP
-
 QKV = ("qkv_proj", ("q_proj", "k_proj", "v_proj"))
 GATE_UP = ("gate_up_proj", ("gate_proj", "up_proj"))
+
+# A module whose forward reads a fused projection when it is present declares the fused names it
+# handles in a class attribute `fusible_projections` (perfml's LlamaAttention: ("qkv_proj",);
+# EagerMLP and SwiGLUMLP: ("gate_up_proj",)). Declared rather than matched by class, so this
+# module imports none of them, and a module that merely looks alike (an HF attention has q_proj,
+# k_proj and v_proj, but its forward would ignore a qkv_proj) is never fused.
+FUSIBLE = "fusible_projections"
 
 
 def _row_buffers(module: nn.Module) -> tuple[str, ...] | None:
@@ -259,17 +263,16 @@ def _targets(
     """(fqn, module, fused name, part names) of every attention / MLP to fuse, in model order."""
     found = []
     for fqn, module in model.named_modules():
-        if isinstance(module, LlamaAttention):
-            if qkv:
-                found.append((fqn, module, *QKV))
-        elif isinstance(module, (EagerMLP, SwiGLUMLP)) and gate_up:
+        declared = getattr(type(module), FUSIBLE, ())
+        if qkv and QKV[0] in declared:
+            found.append((fqn, module, *QKV))
+        if gate_up and GATE_UP[0] in declared:
             found.append((fqn, module, *GATE_UP))
-    if not found and not any(
-        isinstance(m, (LlamaAttention, EagerMLP, SwiGLUMLP)) for m in model.modules()
-    ):
+    if not found and not any(getattr(type(m), FUSIBLE, ()) for m in model.modules()):
         raise FusionError(
             f"fuse_projections: {type(model).__name__} holds no LlamaAttention, EagerMLP or "
-            "SwiGLUMLP (a perfml Llama or one of its layers)"
+            "SwiGLUMLP (a perfml Llama or one of its layers; a module whose forward reads a "
+            f"fused projection names it in its class attribute {FUSIBLE})"
         )
     return found
 

@@ -213,6 +213,8 @@ class EagerRMSNorm(nn.Module):
 class EagerMLP(nn.Module):
     """HF LlamaMLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
 
+    fusible_projections = ("gate_up_proj",)  # the forward reads it (perfml.models.fuse)
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -379,6 +381,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> T
 
 
 class LlamaAttention(nn.Module):
+    fusible_projections = ("qkv_proj",)  # the forward reads it (perfml.models.fuse)
+
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx

@@ -22,6 +22,8 @@ from perfml.ops.swiglu import swiglu
 class SwiGLUMLP(nn.Module):
     """x [..., hidden_size] -> [..., hidden_size] through an intermediate_size SwiGLU."""
 
+    fusible_projections = ("gate_up_proj",)  # the forward reads it (perfml.models.fuse)
+
     def __init__(
         self,
         hidden_size: int,
