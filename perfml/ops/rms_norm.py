@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
 from perfml.ops._norm import (
     CASTS,
@@ -207,6 +208,12 @@ def _rms_norm_fwd_triton(
     if m > 0:
         one_tile = triton.next_power_of_2(n) <= _FWD_ONE_TILE_MAX
         block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
+        cfg = kernel_config(
+            "rms_norm_fwd",
+            {"BLOCK_N": (n if one_tile else None, None)},
+            BLOCK_N=block,
+            num_warps=num_warps(block),
+        )
         _rms_norm_fwd_kernel[(m,)](
             x2,
             y,
@@ -219,9 +226,8 @@ def _rms_norm_fwd_triton(
             offset,
             HAS_WEIGHT=weight is not None,
             CAST=cast,
-            BLOCK_N=block,
             ONE_TILE=one_tile,
-            num_warps=num_warps(block),
+            **cfg,
         )
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
@@ -239,8 +245,13 @@ def _rms_norm_bwd_triton(
         return dx.view(x.shape), dw
     one_tile = triton.next_power_of_2(n) <= _BWD_ONE_TILE_MAX
     block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
-    warps = bwd_num_warps(block)
-    rows_per_program = math.ceil(m / bwd_programs(m, x.device, warps))
+    cfg = kernel_config(
+        "rms_norm_bwd",
+        {"BLOCK_N": (n if one_tile else None, None)},
+        BLOCK_N=block,
+        num_warps=bwd_num_warps(block),
+    )
+    rows_per_program = math.ceil(m / bwd_programs(m, x.device, cfg["num_warps"]))
     programs = math.ceil(m / rows_per_program)
     alloc = torch.empty if one_tile else torch.zeros
     partial = alloc((programs, n) if compute_dw else (1, 1), dtype=torch.float32, device=x.device)
@@ -260,9 +271,8 @@ def _rms_norm_bwd_triton(
         rows_per_program,
         HAS_WEIGHT=weight is not None,
         COMPUTE_DW=compute_dw,
-        BLOCK_N=block,
         ONE_TILE=one_tile,
-        num_warps=warps,
+        **cfg,
     )
     dw = partial.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)
     return dx.view(x.shape), dw
@@ -355,7 +365,9 @@ def _check(x: Tensor, weight: Tensor | None, offset: float, cast: str) -> None:
     if cast not in CASTS:
         raise ValueError(f"rms_norm: cast must be one of {sorted(CASTS)}, got {cast!r}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"rms_norm: x must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {x.dtype}")
+        raise TypeError(
+            f"rms_norm: x must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {x.dtype}"
+        )
     if x.dim() == 0:
         raise ValueError("rms_norm: x must have at least one dimension (the hidden size)")
     n = x.shape[-1]

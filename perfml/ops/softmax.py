@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 from perfml.ops._launch import rows
 
 _FWD_ONE_TILE_MAX = 32768  # widest row kept in registers by the forward
@@ -222,13 +223,17 @@ def _softmax_fwd_triton(x: Tensor) -> Tensor:
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if n <= _FWD_ONE_TILE_MAX:
         block_m, block_n, num_warps = _tile_config(n)
-        _softmax_fwd_tile_kernel[(triton.cdiv(m, block_m),)](
-            x2, y, m, n, x2.stride(0), y.stride(0),
+        cfg = kernel_config(
+            "softmax_fwd_tile", {"BLOCK_N": (n, None)},
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
+        _softmax_fwd_tile_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            x2, y, m, n, x2.stride(0), y.stride(0), **cfg,
+        )  # fmt: skip
     else:
+        cfg = kernel_config("softmax_fwd_loop", BLOCK_N=_LOOP_BLOCK, num_warps=32)
         _softmax_fwd_loop_kernel[(_loop_programs(m, x.device),)](
-            x2, y, m, n, x2.stride(0), y.stride(0), BLOCK_N=_LOOP_BLOCK, num_warps=32
+            x2, y, m, n, x2.stride(0), y.stride(0), **cfg
         )
     return y.view(x.shape)
 
@@ -242,14 +247,17 @@ def _softmax_bwd_triton(dy: Tensor, y: Tensor) -> Tensor:
     dx = torch.empty((m, n), dtype=y.dtype, device=y.device)
     if n <= _BWD_ONE_TILE_MAX:
         block_m, block_n, num_warps = _tile_config(n)
-        _softmax_bwd_tile_kernel[(triton.cdiv(m, block_m),)](
-            dy2, y2, dx, m, n, dy2.stride(0), y2.stride(0), dx.stride(0),
+        cfg = kernel_config(
+            "softmax_bwd_tile", {"BLOCK_N": (n, None)},
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
+        _softmax_bwd_tile_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            dy2, y2, dx, m, n, dy2.stride(0), y2.stride(0), dx.stride(0), **cfg,
+        )  # fmt: skip
     else:
+        cfg = kernel_config("softmax_bwd_loop", BLOCK_N=_LOOP_BLOCK, num_warps=32)
         _softmax_bwd_loop_kernel[(_loop_programs(m, y.device),)](
-            dy2, y2, dx, m, n, dy2.stride(0), y2.stride(0), dx.stride(0),
-            BLOCK_N=_LOOP_BLOCK, num_warps=32,
+            dy2, y2, dx, m, n, dy2.stride(0), y2.stride(0), dx.stride(0), **cfg,
         )  # fmt: skip
     return dx.view(y.shape)
 

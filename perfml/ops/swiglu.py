@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -209,12 +210,22 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
+def _tuned_launch(name: str, m: int, n: int) -> tuple[dict, int, int]:
+    """(launch config after any override, programs, col_blocks) of kernel `name`."""
+    block_m, block_n, _, _ = _launch_config(m, n)
+    cfg = kernel_config(
+        name, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n)
+    )
+    col_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    return cfg, triton.cdiv(m, cfg["BLOCK_M"]) * col_blocks, col_blocks
+
+
 def _glu_fwd_triton(gate: Tensor, up: Tensor, activation: int) -> Tensor:
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if y.numel() == 0:
         return y
     (g2, u2, y2), m, n = _views(gate, up, y)
-    block_m, block_n, programs, col_blocks = _launch_config(m, n)
+    cfg, programs, col_blocks = _tuned_launch("glu_fwd", m, n)
     _glu_fwd_kernel[(programs,)](
         g2,
         u2,
@@ -226,9 +237,7 @@ def _glu_fwd_triton(gate: Tensor, up: Tensor, activation: int) -> Tensor:
         y2.stride(0),
         col_blocks,
         ACTIVATION=activation,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=_num_warps(block_m * block_n),
+        **cfg,
     )
     return y
 
@@ -248,7 +257,7 @@ def _glu_bwd_triton(
     if gate.numel() == 0 or not (need_dgate or need_dup):
         return
     (dy2, g2, u2, dg2, du2), m, n = _views(dy, gate, up, dgate, dup)
-    block_m, block_n, programs, col_blocks = _launch_config(m, n)
+    cfg, programs, col_blocks = _tuned_launch("glu_bwd", m, n)
     _glu_bwd_kernel[(programs,)](
         dy2,
         g2,
@@ -266,9 +275,7 @@ def _glu_bwd_triton(
         ACTIVATION=activation,
         NEED_DG=need_dgate,
         NEED_DU=need_dup,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=_num_warps(block_m * block_n),
+        **cfg,
     )
 
 
