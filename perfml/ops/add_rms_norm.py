@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
 from perfml.ops._norm import (
     CASTS,
@@ -236,11 +237,15 @@ def _add_rms_norm_fwd_triton(
         one_tile = block_n <= _FWD_ONE_TILE_MAX
         block_m = max(1, _FWD_TILE_ELEMS // block_n) if one_tile else 1
         block_n = block_n if one_tile else _LOOP_BLOCK
-        _add_rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        cfg = kernel_config(
+            "add_rms_norm_fwd",
+            {"BLOCK_N": (n, None)} if one_tile else {"BLOCK_M": (1, 1)},
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m * block_n),
+        )  # fmt: skip
+        _add_rms_norm_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
             x2, r2, y, s, weight, rstd,
             x2.stride(0), r2.stride(0), y.stride(0), s.stride(0), m, n, eps,
-            BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile,
-            num_warps=num_warps(block_m * block_n),
+            ONE_TILE=one_tile, **cfg,
         )  # fmt: skip
     return y.view(x.shape), s.view(x.shape), rstd.view(x.shape[:-1])
 
@@ -257,8 +262,13 @@ def _add_rms_norm_bwd_triton(
         return dx.view(s.shape), dw
     one_tile = triton.next_power_of_2(n) <= _BWD_ONE_TILE_MAX
     block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
-    warps = bwd_num_warps(block)
-    rows_per_program = math.ceil(m / bwd_programs(m, s.device, warps))
+    cfg = kernel_config(
+        "add_rms_norm_bwd",
+        {"BLOCK_N": (n if one_tile else None, None)},
+        BLOCK_N=block,
+        num_warps=bwd_num_warps(block),
+    )
+    rows_per_program = math.ceil(m / bwd_programs(m, s.device, cfg["num_warps"]))
     programs = math.ceil(m / rows_per_program)
     # The looped kernel accumulates into the partial rows in memory, so they start at zero.
     alloc = torch.empty if one_tile else torch.zeros
@@ -266,7 +276,7 @@ def _add_rms_norm_bwd_triton(
     _add_rms_norm_bwd_kernel[(programs,)](
         dy2, ds2, s2, weight, rstd.reshape(-1).contiguous(), dx, partial,
         dy2.stride(0), ds2.stride(0), s2.stride(0), dx.stride(0), m, n, rows_per_program,
-        COMPUTE_DW=needs_dw, BLOCK_N=block, ONE_TILE=one_tile, num_warps=warps,
+        COMPUTE_DW=needs_dw, ONE_TILE=one_tile, **cfg,
     )  # fmt: skip
     dw = partial.sum(0).to(weight.dtype) if needs_dw else s.new_empty(0)
     return dx.view(s.shape), dw

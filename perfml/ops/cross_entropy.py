@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 from perfml.ops._launch import rows
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -307,6 +308,7 @@ def _ce_rows_triton(
     # must be made dense first, or every row past the first reads another row's target.
     t = t.contiguous()
     block, num_warps = _fwd_config(v)
+    cfg = kernel_config("cross_entropy_fwd", BLOCK_V=block, num_warps=num_warps)
     grad = grad_out if grad_out is not None else x2
     _cross_entropy_fwd_kernel[(n,)](
         x2,
@@ -318,7 +320,7 @@ def _ce_rows_triton(
         grad.stride(0),
         0 if scale.numel() == 1 else scale.stride(0),
         v,
-        triton.cdiv(v, block),
+        triton.cdiv(v, cfg["BLOCK_V"]),
         ignore_index,
         label_smoothing,
         z_loss,
@@ -327,8 +329,7 @@ def _ce_rows_triton(
         HAS_SMOOTHING=label_smoothing != 0.0,
         HAS_Z_LOSS=z_loss != 0.0,
         COMPUTE_GRAD=grad_out is not None,
-        BLOCK_V=block,
-        num_warps=num_warps,
+        **cfg,
     )
 
 
@@ -408,8 +409,11 @@ def _cross_entropy_fwd_impl(
 
 def _launch_scale(src: Tensor, dst: Tensor, s: Tensor, skip_unit: bool) -> None:
     n = src.numel()
+    cfg = kernel_config(
+        "cross_entropy_scale", {"BLOCK": (None, _SCALE_SPAN)}, BLOCK=_SCALE_BLOCK, num_warps=8
+    )
     _scale_kernel[(triton.cdiv(n, _SCALE_SPAN),)](
-        src, dst, s, n, SKIP_UNIT=skip_unit, SPAN=_SCALE_SPAN, BLOCK=_SCALE_BLOCK, num_warps=8
+        src, dst, s, n, SKIP_UNIT=skip_unit, SPAN=_SCALE_SPAN, **cfg
     )
 
 

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -345,10 +346,16 @@ def _decode_attention_triton(
         return out
     g = hq // hkv
     block_g, block_l, num_warps = _config(g, d, q.dtype)
-    head_blocks = triton.cdiv(g, block_g)
-    block_d = max(16, triton.next_power_of_2(d))
+    cfg = kernel_config(
+        "decode_attention_fwd",
+        {"BLOCK_G": (16, None), "BLOCK_L": (16, None), "BLOCK_D": (max(16, d), None)},
+        BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=num_warps, num_stages=2,
+    )  # fmt: skip
+    head_blocks = triton.cdiv(g, cfg["BLOCK_G"])
+    block_d = cfg["BLOCK_D"]
     programs = b * hkv * head_blocks
-    splits = _num_splits(length, block_l, programs, _sm_count(q.device))
+    splits = _num_splits(length, cfg["BLOCK_L"], programs, _sm_count(q.device))
     if splits > 1:
         mid_acc = torch.empty((b * hq, splits, d), dtype=torch.float32, device=q.device)
         mid_m = torch.empty((b * hq, splits), dtype=torch.float32, device=q.device)
@@ -366,16 +373,18 @@ def _decode_attention_triton(
         out.stride(0), out.stride(1), out.stride(3),
         G=g, HEAD_BLOCKS=head_blocks, HEAD_DIM=d, SPLITS=splits,
         IEEE=q.dtype == torch.float32, UPCAST=_interpreted(q) and q.dtype != torch.float32,
-        BLOCK_G=block_g, BLOCK_L=block_l, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=2,
+        **cfg,
     )  # fmt: skip
     if splits > 1:
         block_s = triton.next_power_of_2(splits)
+        combine = kernel_config(
+            "decode_attention_combine", {"BLOCK_S": (splits, None), "BLOCK_D": (d, None)},
+            BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4 if block_s * block_d <= 4096 else 8,
+        )  # fmt: skip
         _decode_attention_combine_kernel[(b * hq,)](
             mid_acc, mid_m, mid_l, out, hq,
             out.stride(0), out.stride(1), out.stride(3),
-            HEAD_DIM=d, SPLITS=splits, BLOCK_S=block_s, BLOCK_D=block_d,
-            num_warps=4 if block_s * block_d <= 4096 else 8,
+            HEAD_DIM=d, SPLITS=splits, **combine,
         )  # fmt: skip
     return out
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 from perfml.ops._launch import bwd_num_warps, bwd_programs, num_warps, rows
 from perfml.ops._norm import MAX_HIDDEN, _compute_dtype
 
@@ -279,12 +280,16 @@ def _layer_norm_fwd_triton(
         one_tile = block_n <= _FWD_ONE_TILE_MAX
         block_m = max(1, _FWD_TILE_ELEMS // block_n) if one_tile else 1
         block_n = block_n if one_tile else _LOOP_BLOCK
-        _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        cfg = kernel_config(
+            "layer_norm_fwd",
+            {"BLOCK_N": (n, None)} if one_tile else {"BLOCK_M": (1, 1)},
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m * block_n),
+        )  # fmt: skip
+        _layer_norm_fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
             x2, y, weight if weight is not None else x2, bias if bias is not None else x2,
             mean, rstd, x2.stride(0), y.stride(0), m, n, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile,
-            num_warps=num_warps(block_m * block_n),
+            ONE_TILE=one_tile, **cfg,
         )  # fmt: skip
     stats_shape = x.shape[:-1]
     return y.view(x.shape), mean.view(stats_shape), rstd.view(stats_shape)
@@ -312,8 +317,13 @@ def _layer_norm_bwd_triton(
         return dx.view(x.shape), dw, db
     one_tile = triton.next_power_of_2(n) <= _BWD_ONE_TILE_MAX
     block = triton.next_power_of_2(n) if one_tile else _LOOP_BLOCK
-    warps = bwd_num_warps(block)
-    rows_per_program = math.ceil(m / bwd_programs(m, x.device, warps))
+    cfg = kernel_config(
+        "layer_norm_bwd",
+        {"BLOCK_N": (n if one_tile else None, None)},
+        BLOCK_N=block,
+        num_warps=bwd_num_warps(block),
+    )
+    rows_per_program = math.ceil(m / bwd_programs(m, x.device, cfg["num_warps"]))
     programs = math.ceil(m / rows_per_program)
     # The looped kernel accumulates into the partial rows in memory, so they start at zero; the
     # one-tile kernel overwrites them whole.
@@ -328,7 +338,7 @@ def _layer_norm_bwd_triton(
         mean.reshape(-1).contiguous(), rstd.reshape(-1).contiguous(), dx, dw_partial, db_partial,
         dy2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
         HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        BLOCK_N=block, ONE_TILE=one_tile, num_warps=warps,
+        ONE_TILE=one_tile, **cfg,
     )  # fmt: skip
     dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)
     db = db_partial.sum(0).to(bias.dtype) if compute_db else x.new_empty(0)

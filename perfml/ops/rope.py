@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 
 MAX_HEAD_DIM = 4096  # widest head; wider ones get a clear error
 _TILE = 2048  # elements of one half-tile [tokens, heads, rotary_dim / 2] held in registers
@@ -340,7 +341,17 @@ def _rope_triton(
     # about 512 elements of a q-plus-k half-tile per warp: 4 warps at Llama sizes (32 + 8 heads)
     elems = block_t * (block_hq + block_hk) * block_half
     num_warps = min(8, 1 << max(0, (elems // 512).bit_length() - 1))
-    grid = (triton.cdiv(n_tokens, block_t),)
+    cfg = kernel_config(
+        "rope",
+        {"BLOCK_HALF": (half, None), "BLOCK_PASS": (d - r, None)},
+        BLOCK_T=block_t,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
+        BLOCK_HALF=block_half,
+        BLOCK_PASS=triton.next_power_of_2(max(d - r, 1)),
+        num_warps=num_warps,
+    )
+    grid = (triton.cdiv(n_tokens, cfg["BLOCK_T"]),)
     _rope_kernel[grid](
         q,
         k,
@@ -367,12 +378,7 @@ def _rope_triton(
         N_PASS=d - r,
         HAS_POS=position_ids is not None,
         TRANSPOSE=transpose,
-        BLOCK_T=block_t,
-        BLOCK_HQ=block_hq,
-        BLOCK_HK=block_hk,
-        BLOCK_HALF=block_half,
-        BLOCK_PASS=triton.next_power_of_2(max(d - r, 1)),
-        num_warps=num_warps,
+        **cfg,
     )
     return q_out, k_out
 
@@ -527,7 +533,9 @@ def _check(
                 f"got shape {tuple(x.shape)}"
             )
     if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"rope: q must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {q.dtype}")
+        raise TypeError(
+            f"rope: q must be a floating tensor (fp32/bf16/fp16 run the kernels, fp64 the exact reference), got {q.dtype}"
+        )
     if k.dtype != q.dtype:
         raise TypeError(f"rope: q and k must share a dtype, got q {q.dtype} and k {k.dtype}")
     if k.device != q.device:

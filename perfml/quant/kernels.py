@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml._kernel_config import kernel_config
 
 # --- 1. references -----------------------------------------------------------------------------
 
@@ -318,7 +319,15 @@ def _launch(x: Tensor, w: Tensor, s: Tensor, z: Tensor | None, n: int, group: in
     if m <= GEMV_MAX_M:
         return _launch_gemv(x, w, s, z, out, group)
     block_m, block_n, block_k, warps = _blocks(m, group, x.dtype == torch.float32)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    cfg = kernel_config(
+        "wq_mm",
+        {"BLOCK_K": (None, group)} if group is not None else None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _wq_mm_kernel[grid](
         x,
         w,
@@ -338,10 +347,7 @@ def _launch(x: Tensor, w: Tensor, s: Tensor, z: Tensor | None, n: int, group: in
         GROUP=group or 1,
         IEEE=x.dtype == torch.float32,
         UPCAST_DOT=_interpreted(x),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=warps,
+        **cfg,
     )
     return out
 
@@ -397,8 +403,18 @@ class _GemvPlan(NamedTuple):
 
 
 def _gemv_plan(m: int, n: int, k: int, int4_group: int | None, sms: int) -> _GemvPlan:
-    """Blocks and grid of the split-K GEMV for x [m, k] @ w [n, k].T on a GPU with `sms` SMs."""
+    """Blocks and grid of the split-K GEMV for x [m, k] @ w [n, k].T on a GPU with `sms` SMs
+    (blocks and warps from kernel_config("wq_gemv"): the heuristic's, or an override)."""
     block_m, block_n, block_k, warps = _gemv_blocks(m, int4_group)
+    limits = {"BLOCK_M": (m, None)}
+    if int4_group is not None:
+        limits["BLOCK_K"] = (None, int4_group)
+    cfg = kernel_config(
+        "wq_gemv", limits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps
+    )
+    block_m, block_n, block_k, warps = (
+        cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")
+    )
     n_blocks = triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     split_k = max(1, min(_gemv_split(n_blocks, k_tiles, sms), k_tiles))
@@ -446,7 +462,8 @@ def _launch_gemv(
         num_warps=warps,
     )
     if partial:
-        _wq_gemv_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+        reduce = kernel_config("wq_gemv_reduce", BLOCK=_REDUCE_BLOCK, num_warps=4)
+        _wq_gemv_reduce_kernel[(triton.cdiv(m * n, reduce["BLOCK"]),)](
             dest,
             s,
             out,
@@ -455,8 +472,7 @@ def _launch_gemv(
             split_k,
             s.stride(0),
             SCALE=group is None,
-            BLOCK=_REDUCE_BLOCK,
-            num_warps=4,
+            **reduce,
         )
     return out
 
