@@ -14,6 +14,7 @@ bit for bit). Rows longer than one register tile (ONE_TILE=False) take two passe
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -402,6 +403,9 @@ def rms_norm(
     (torch.nn.functional.rms_norm). See the module docstring for the exact rounding of each.
     """
     _check(x, weight, offset, cast)
+    # the C++ kernel's contract, checked here so that every path refuses the same calls
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
+        raise ValueError(f"rms_norm: eps must be a finite number >= 0, got {eps!r}")
     if x.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         return rms_norm_ref(x, weight, eps, offset, cast)
     weight = weight.contiguous() if weight is not None else None

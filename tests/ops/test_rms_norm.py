@@ -211,6 +211,15 @@ def test_unknown_cast():
         rms_norm(torch.randn(2, 8, device=DEVICE), cast="t5")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", "auto"])
+@pytest.mark.parametrize("eps", [-0.5, float("nan"), float("inf"), None])
+def test_eps_must_be_finite_and_not_negative_on_every_path(backend, eps):
+    # the C++ kernel refused a negative eps while the Triton and reference paths returned NaN
+    x = torch.randn(2, 8, device=DEVICE)
+    with _backend.force(backend), pytest.raises(ValueError, match="eps must be a finite number"):
+        rms_norm(x, torch.ones(8, device=DEVICE), eps=eps, cast="none")
+
+
 def test_hidden_size_limit():
     with pytest.raises(ValueError, match="hidden size"):
         rms_norm(torch.empty(1, MAX_HIDDEN + 1, device=DEVICE))
