@@ -5,7 +5,8 @@ where it sets one) through `kernel_config(name, **picked)` and launches with the
 back. Normally that is `picked` itself. `override(name, **config)` replaces some of those values
 for the launches inside its `with` block, so that `perfml.bench.autotune` can time and check a
 kernel under configs the heuristic would not choose, without a copy of the launcher. `capture()`
-records what each heuristic picked, which is how the tuner reports the current choice.
+records what each heuristic picked, which is how the tuner reports the current choice (or, with
+`launched=True`, what was launched).
 
 Names are "<op>_<kernel>" ("rms_norm_fwd", "wq_gemv"); `known_kernels()` lists those seen so far.
 An override may set the launcher's own keys and the launch options num_warps and num_stages; any
@@ -24,7 +25,7 @@ from typing import Any
 LAUNCH_OPTIONS = frozenset({"num_warps", "num_stages"})
 
 _overrides: dict[str, dict[str, Any]] = {}
-_captures: list[dict[str, dict[str, Any]]] = []
+_captures: list[tuple[dict[str, dict[str, Any]], bool]] = []
 _seen: set[str] = set()
 
 
@@ -36,12 +37,10 @@ def kernel_config(
 
     `limits` maps a key to the (lowest, highest) value it may take for this launch (None: no
     bound); it is checked against overridden values only (the heuristic's own picks obey it)."""
-    if _captures:
-        for capture in _captures:
-            capture[name] = dict(picked)
     _seen.add(name)
     config = _overrides.get(name)
     if config is None:
+        _record(name, picked, picked)
         return picked
     unknown = set(config) - set(picked) - LAUNCH_OPTIONS
     if unknown:
@@ -66,7 +65,13 @@ def kernel_config(
                 f"override of kernel {name!r}: {key} must be a positive integer"
                 f"{' power of two' if key == 'num_warps' else ''}, got {value!r}"
             )
+    _record(name, picked, merged)
     return merged
+
+
+def _record(name: str, picked: dict[str, Any], launched: dict[str, Any]) -> None:
+    for record, want_launched in _captures:
+        record[name] = dict(launched if want_launched else picked)
 
 
 @contextlib.contextmanager
@@ -84,15 +89,16 @@ def override(name: str, **config: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def capture() -> Iterator[dict[str, dict[str, Any]]]:
-    """Inside the block, record per kernel name what its heuristic picked (the last launch wins);
-    overrides are not applied to the record."""
+def capture(launched: bool = False) -> Iterator[dict[str, dict[str, Any]]]:
+    """Inside the block, record per kernel name what its heuristic picked (the last launch wins),
+    or with `launched=True` what it was launched with (the pick with any override applied)."""
     record: dict[str, dict[str, Any]] = {}
-    _captures.append(record)
+    entry = (record, launched)
+    _captures.append(entry)
     try:
         yield record
     finally:
-        _captures[:] = [c for c in _captures if c is not record]
+        _captures[:] = [c for c in _captures if c is not entry]
 
 
 def known_kernels() -> list[str]:

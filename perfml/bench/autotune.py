@@ -422,7 +422,7 @@ def _sync(device: torch.device) -> None:
 def _gb_s(spec: KernelSpec, shape: tuple[int, ...], ms: float | None) -> float | None:
     if spec.bytes is None or not ms:
         return None
-    return round(spec.bytes(shape, spec.dtype) / (ms * 1e-3) / 1e9, 1)
+    return float(f"{spec.bytes(shape, spec.dtype) / (ms * 1e-3) / 1e9:.4g}")
 
 
 def _short(e: BaseException) -> str:
