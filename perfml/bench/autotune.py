@@ -515,8 +515,10 @@ def tune(
     budget_s: float,
     dry_run: bool = False,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Tune `specs` on `device` within about `budget_s` seconds; the tune.json document."""
+    """Tune `specs` on `device` within about `budget_s` seconds; the tune.json document.
+    `checkpoint` gets the document so far after each kernel (so a killed run still leaves one)."""
     import triton
 
     start = time.monotonic()
@@ -557,6 +559,9 @@ def tune(
             _sync_quietly(device)
         result["kernels"].append(entry)
         log(_summary(entry, time.monotonic() - now))
+        if checkpoint is not None:
+            result["elapsed_s"] = round(time.monotonic() - start, 1)
+            checkpoint(result)
     result["elapsed_s"] = round(time.monotonic() - start, 1)
     return result
 
@@ -615,9 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    result = tune(specs, device, args.budget_s, dry_run=args.dry_run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    def write(doc: dict[str, Any]) -> None:
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    result = tune(specs, device, args.budget_s, dry_run=args.dry_run, checkpoint=write)
+    write(result)
     print(f"[tune] wrote {args.out} ({len(result['kernels'])} kernels, {result['elapsed_s']} s)",
           file=sys.stderr)  # fmt: skip
     return 0
