@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -450,8 +451,8 @@ def _paths():
 def test_op_on_opinfo_samples(name, path, monkeypatch, poison_empty):
     counts, failures = _run_op(name, path, "cpu", monkeypatch)
     line = _summary(name, path, counts, failures)
-    assert counts["ok"], f"{line}: no sample was checked"
     assert not failures, line + "\n" + "\n".join(failures)
+    assert counts["ok"], f"{line}: no sample was checked"
 
 
 # --- modules ----------------------------------------------------------------------------------
@@ -485,10 +486,15 @@ class ModuleAdapter:
     perfml_cls: type
     kwargs: Callable[[dict], dict] = field(default=dict)  # torch's bound ctor args -> perfml's
     refusal: Callable = field(default=lambda bound, forward_args: ())
+    # constructor arguments each sample is also run with (beyond the sample's own)
+    variants: tuple[dict, ...] = ()
 
 
 MODULES = {
-    "RMSNorm": ModuleAdapter(nn.RMSNorm, pnn.RMSNorm, _norm_kwargs, _norm_refusal),
+    # eps=None (torch's default, finfo(x.dtype).eps) as well: the ModuleInfo samples all set eps
+    "RMSNorm": ModuleAdapter(
+        nn.RMSNorm, pnn.RMSNorm, _norm_kwargs, _norm_refusal, variants=({"eps": None},)
+    ),
     "LayerNorm": ModuleAdapter(nn.LayerNorm, pnn.LayerNorm, refusal=_norm_refusal),
     "CrossEntropyLoss": ModuleAdapter(
         nn.CrossEntropyLoss, pnn.CrossEntropyLoss, refusal=_ce_module_refusal
@@ -504,14 +510,15 @@ def _module_call(module):
     return lambda *inputs: module(*inputs)
 
 
-def _check_module(adapter: ModuleAdapter, sample, layout, dtype, device) -> str:
+def _check_module(adapter: ModuleAdapter, sample, layout, dtype, device, variant) -> str:
     cargs, ckwargs = sample.constructor_input.args, sample.constructor_input.kwargs
     fargs = sample.forward_input.args
     assert not sample.forward_input.kwargs, sample.forward_input.kwargs
     if layout == "noncontiguous":
         fargs = _map(fargs, noncontiguous_like)
     bound = dict(inspect.signature(adapter.torch_cls).bind(*cargs, **ckwargs).arguments)
-    torch_mod = adapter.torch_cls(*cargs, **ckwargs).to(device=device, dtype=dtype)
+    bound.update(variant)
+    torch_mod = adapter.torch_cls(**bound).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(17)
     with torch.no_grad():
         for p in torch_mod.parameters():  # away from the ones/zeros init, so grads mean something
@@ -570,19 +577,21 @@ def _run_module(name: str, path: str, device: str, monkeypatch) -> tuple[dict, l
                 )
             )
             step = max(1, math.ceil(len(samples) / MAX_MODULE_SAMPLES))
-            for idx, sample in enumerate(samples[::step]):
-                for layout in LAYOUTS:
-                    where = (
-                        f"{name} #{idx * step} {sample.desc} {dtype} {layout} "
-                        f"ctor {_describe(sample.constructor_input.args)} "
-                        f"{_describe(sample.constructor_input.kwargs)} "
-                        f"forward {_describe(sample.forward_input.args)}"
-                    )
-                    try:
-                        with _on_path(path, monkeypatch):
-                            counts[_check_module(adapter, sample, layout, dtype, device)] += 1
-                    except Exception as exc:
-                        failures.append(f"{where}: {type(exc).__name__}: {exc}")
+            for (idx, sample), variant, layout in itertools.product(
+                enumerate(samples[::step]), ({}, *adapter.variants), LAYOUTS
+            ):
+                where = (
+                    f"{name} #{idx * step} {sample.desc} {variant or ''} {dtype} {layout} "
+                    f"ctor {_describe(sample.constructor_input.args)} "
+                    f"{_describe(sample.constructor_input.kwargs)} "
+                    f"forward {_describe(sample.forward_input.args)}"
+                )
+                try:
+                    with _on_path(path, monkeypatch):
+                        status = _check_module(adapter, sample, layout, dtype, device, variant)
+                    counts[status] += 1
+                except Exception as exc:
+                    failures.append(f"{where}: {type(exc).__name__}: {exc}")
     return counts, failures
 
 
@@ -591,8 +600,8 @@ def _run_module(name: str, path: str, device: str, monkeypatch) -> tuple[dict, l
 def test_module_on_moduleinfo_samples(name, path, monkeypatch, poison_empty):
     counts, failures = _run_module(name, path, "cpu", monkeypatch)
     line = _summary(f"nn.{name}", path, counts, failures)
-    assert counts["ok"], f"{line}: no sample was checked"
     assert not failures, line + "\n" + "\n".join(failures)
+    assert counts["ok"], f"{line}: no sample was checked"
 
 
 # --- CUDA -------------------------------------------------------------------------------------
@@ -608,5 +617,5 @@ def test_opinfo_samples_on_cuda(name, monkeypatch):
     else:
         counts, failures = _run_op(name, "triton", "cuda", monkeypatch)
     line = _summary(name, "triton-cuda", counts, failures)
-    assert counts["ok"], f"{line}: no sample was checked"
     assert not failures, line + "\n" + "\n".join(failures)
+    assert counts["ok"], f"{line}: no sample was checked"
