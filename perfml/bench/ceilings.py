@@ -9,8 +9,11 @@ because CPU matmul, bf16 especially, is slow and a ceiling must not dominate the
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from perfml._dtypes import torch_dtype
 from perfml.bench.timing import Timer
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -46,3 +49,42 @@ def measure_ceilings(timer: Timer, device: torch.device, quick: bool) -> dict[st
             out[f"matmul_{name}_tflops"] = None
     out["matmul_n"] = n
     return out
+
+
+# --- peak FLOP/s, for the trainer's MFU ---------------------------------------------------
+
+# dense bf16/fp16 tensor-core peaks from the datasheets (SXM parts)
+_PEAK_TFLOPS = {
+    "H200": 989.4,
+    "H100": 989.4,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from): the datasheet peak of a known GPU in bf16/fp16, else
+    the dense matmul rate measured here in the training dtype (CPUs, other GPUs, fp32)."""
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in _PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} datasheet"
+    n = 2048 if device.type == "cuda" else 512
+    # values from no generator: measuring must not move the RNG streams a resume restores
+    a = torch.linspace(-1, 1, n * n, device=device, dtype=torch_dtype(precision)).reshape(n, n)
+    b = a.T.contiguous()
+    for _ in range(2):
+        a @ b
+    reps = 5
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = 2 * n**3 * reps / (time.perf_counter() - start)
+    return rate, f"measured {n}^3 {precision} matmul"

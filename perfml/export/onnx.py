@@ -25,19 +25,43 @@ matmuls, tight enough that a wrong translation (a missing cast, a swapped rotate
 
 Weights over EXTERNAL_DATA_THRESHOLD (protobuf's 2 GiB limit on one message) go to
 `<path>.data` beside the model (ONNX external data); smaller models are one self-contained file.
+The files are written into a temporary folder beside `path` and moved into place only once the
+export (and the verification, with verify=True) succeeded, so a failure never leaves a
+half-made model nor replaces an earlier one.
+
+Language models (a `config` with max_seq_len and vocab_size, such as perfml's Llama, and integer
+token ids [batch, seq] as the first input): the graph's input is named `input_ids` and its
+output `logits` [batch, seq, vocab]; the two limits are written to the model's metadata_props
+("max_seq_len", "vocab_size") and are checked inside the graph itself, where PyTorch raises:
+two Gathers, named `sequence_longer_than_max_seq_len_<N>` and
+`input_ids_outside_vocab_size_<V>`, read a table of N rows at the last position and a one-row
+table at each (id outside 0..V-1) flag, so onnxruntime fails on a longer sequence or an
+out-of-range id (ONNX's Gather would otherwise wrap id -1 to the last row) and names the node.
+`OnnxRunner` / `run_onnx` check the same limits before running and raise OnnxInputError.
+
+bfloat16: onnxruntime's CPU provider has no bfloat16 matmul, so verify=True refuses a model with
+bfloat16 weights or inputs up front (export model.float(), or model.half(): fp16 runs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
 import re
+import shutil
+import tempfile
 import time
+import warnings
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree
 
@@ -61,9 +85,15 @@ class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message names the op, module or input."""
 
 
+class OnnxInputError(ExportError, ValueError):
+    """An input that the exported model cannot take (past max_seq_len, a token id outside the
+    vocabulary, a wrong dtype or rank); the message names the limit."""
+
+
 class ParityError(ExportError):
     """The exported model disagrees with PyTorch beyond the tolerance; `.report` holds the
-    numbers and the path of the (kept) ONNX file."""
+    numbers and the path of the rejected ONNX file, kept for inspection in the folder
+    `<path>.parity-failed` (never at `path`)."""
 
     def __init__(self, message: str, report: ExportReport) -> None:
         super().__init__(message)
@@ -99,6 +129,8 @@ class ExportReport:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     export_s: float
+    max_seq_len: int | None = None  # the token limits of a language model (also in metadata)
+    vocab_size: int | None = None
     parity: Parity | None = None
     verify_s: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -113,6 +145,14 @@ class ExportReport:
             for axis, dim in d.items()
         )
         lines.append(f"  dynamic axes: {axes or 'none'}")
+        lines.append(
+            f"  inputs: {', '.join(self.input_names)}; outputs: {', '.join(self.output_names)}"
+        )
+        if self.max_seq_len is not None:
+            lines.append(
+                f"  limits (checked in the graph, in metadata_props): max_seq_len "
+                f"{self.max_seq_len}, vocab_size {self.vocab_size}"
+            )
         if self.perfml_ops:
             ops = ", ".join(f"{name} x{n}" for name, n in sorted(self.perfml_ops.items()))
             lines.append(f"  perfml ops translated: {ops}")
@@ -419,14 +459,137 @@ def _session(onnxruntime: Any, path: Path, exact: bool) -> Any:
     return onnxruntime.InferenceSession(str(path), options, providers=[_PROVIDER])
 
 
+def _import_onnxruntime(what: str) -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ExportError(
+            f"{what} needs onnxruntime (pip install 'perfml[export]')"
+            + (", or pass verify=False" if what == "verify=True" else "")
+        ) from exc
+    return onnxruntime
+
+
+class OnnxRunner:
+    """An exported model in onnxruntime's CPU provider, with the input checks PyTorch makes.
+
+    runner = OnnxRunner("model.onnx"); (logits,) = runner(input_ids)   # numpy or torch input
+    The inputs go positionally (graph order) or by name; the outputs come back as numpy arrays
+    in graph order. For a language model export (metadata_props max_seq_len / vocab_size) the
+    token ids (`input_ids`) must be an integer array [batch, seq] with seq <= max_seq_len and
+    every id in 0..vocab_size-1; anything else raises OnnxInputError naming the limit, before
+    onnxruntime runs. exact=True (the default) keeps fp32 activations in the QDQ matmuls that
+    onnxruntime fuses into MatMulNBits (session.qdq_matmulnbits_accuracy_level=1).
+    """
+
+    def __init__(self, path: str | Path, *, exact: bool = True) -> None:
+        onnxruntime = _import_onnxruntime("OnnxRunner")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"OnnxRunner: no ONNX model at {self.path}")
+        self.session = _session(onnxruntime, self.path, exact)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.max_seq_len = _int_prop(props, "max_seq_len", self.path)
+        self.vocab_size = _int_prop(props, "vocab_size", self.path)
+
+    def _feeds(self, inputs: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
+        if len(inputs) > len(self.input_names):
+            raise OnnxInputError(
+                f"{self.path.name} takes {len(self.input_names)} input"
+                f"{'s' if len(self.input_names) != 1 else ''} ({', '.join(self.input_names)}), "
+                f"got {len(inputs)}"
+            )
+        feeds = dict(zip(self.input_names, inputs, strict=False))
+        for name, value in named.items():
+            if name not in self.input_names:
+                raise OnnxInputError(
+                    f"{self.path.name} has no input {name!r}; its inputs: "
+                    f"{', '.join(self.input_names)}"
+                )
+            if name in feeds:
+                raise OnnxInputError(f"{self.path.name}: input {name!r} given twice")
+            feeds[name] = value
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise OnnxInputError(f"{self.path.name}: missing input {', '.join(missing)}")
+        return {name: _as_numpy(name, value) for name, value in feeds.items()}
+
+    def check_tokens(self, ids: Any) -> None:
+        """Raise OnnxInputError unless `ids` fits the model's max_seq_len and vocab_size."""
+        import numpy as np
+
+        name = TOKEN_INPUT
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype.kind not in "iu":
+            shape = tuple(getattr(ids, "shape", ()))
+            raise OnnxInputError(
+                f"{self.path.name}: {name} must be an integer array [batch, seq], got "
+                f"{getattr(ids, 'dtype', type(ids).__name__)} {shape}"
+            )
+        if self.max_seq_len is not None and ids.shape[1] > self.max_seq_len:
+            raise OnnxInputError(
+                f"{self.path.name}: {name} has {ids.shape[1]} tokens; the model was exported "
+                f"with max_seq_len {self.max_seq_len}"
+            )
+        if self.vocab_size is not None and ids.size:
+            low, high = int(ids.min()), int(ids.max())
+            bad = low if low < 0 else high if high >= self.vocab_size else None
+            if bad is not None:
+                raise OnnxInputError(
+                    f"{self.path.name}: {name} holds token id {bad}; the vocabulary is "
+                    f"0..{self.vocab_size - 1} (vocab_size {self.vocab_size})"
+                )
+
+    def __call__(self, *inputs: Any, **named: Any) -> list[Any]:
+        feeds = self._feeds(inputs, named)
+        if (self.max_seq_len is not None or self.vocab_size is not None) and feeds:
+            self.check_tokens(feeds.get(TOKEN_INPUT, next(iter(feeds.values()))))
+        return self.session.run(None, feeds)
+
+
+def run_onnx(path: str | Path, *inputs: Any, exact: bool = True, **named: Any) -> list[Any]:
+    """`OnnxRunner(path, exact=exact)(*inputs, **named)`: one run of an exported model in
+    onnxruntime with perfml's input checks (see OnnxRunner)."""
+    return OnnxRunner(path, exact=exact)(*inputs, **named)
+
+
+def _int_prop(props: dict[str, str], key: str, path: Path) -> int | None:
+    if key not in props:
+        return None
+    try:
+        return int(props[key])
+    except ValueError:
+        raise ExportError(
+            f"{path}: metadata_props {key} must be an integer, got {props[key]!r}"
+        ) from None
+
+
+def _as_numpy(name: str, value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bfloat16:
+            raise OnnxInputError(f"{name}: numpy, which onnxruntime takes, has no bfloat16")
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
 def _run_onnx(onnxruntime: Any, path: Path, feeds: list[Any], exact: bool) -> list[Any]:
     try:
-        session = _session(onnxruntime, path, exact)
-        names = [i.name for i in session.get_inputs()]
-        return session.run(None, dict(zip(names, feeds, strict=True)))
+        runner = OnnxRunner(path, exact=exact)
     except Exception as exc:
         raise ExportError(
-            f"verify: onnxruntime {onnxruntime.__version__} could not run {path}: "
+            f"verify: onnxruntime {onnxruntime.__version__} could not load {path.name}: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+        ) from exc
+    try:
+        return runner(*feeds)
+    except OnnxInputError:
+        raise
+    except Exception as exc:
+        raise ExportError(
+            f"verify: onnxruntime {onnxruntime.__version__} could not run {path.name}: "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
         ) from exc
 
@@ -436,21 +599,17 @@ def _verify(
     ep: torch.export.ExportedProgram,
     args: tuple[Tensor, ...],
     report: ExportReport,
+    model_file: Path,
 ) -> Parity:
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise ExportError(
-            "verify=True needs onnxruntime (pip install 'perfml[export]'), or pass verify=False"
-        ) from exc
+    onnxruntime = _import_onnxruntime("verify=True")
     fresh = _fresh_inputs(ep, args)
     feeds = [_numpy(t) for t in fresh]
     with torch.no_grad():
         want = [t for t in _pytree.tree_leaves(model(*fresh)) if isinstance(t, Tensor)]
-    got = _run_onnx(onnxruntime, report.path, feeds, exact=True)
+    got = _run_onnx(onnxruntime, model_file, feeds, exact=True)
     max_abs, max_rel, tolerance = _compare(got, want)
     if "DequantizeLinear" in report.op_counts:
-        _, default_rel, _ = _compare(_run_onnx(onnxruntime, report.path, feeds, False), want)
+        _, default_rel, _ = _compare(_run_onnx(onnxruntime, model_file, feeds, False), want)
         report.notes.append(
             f"onnxruntime's default session runs the QDQ matmuls as MatMulNBits on int8 "
             f"activations: max rel err {default_rel:.3g} there; session config "
@@ -465,12 +624,207 @@ def _verify(
     )
 
 
+# --- language-model limits -------------------------------------------------------------------
+
+TOKEN_INPUT = "input_ids"  # the graph input of a language model export
+LOGITS_OUTPUT = "logits"  # and its output
+_SEQ_CHECK = "_perfml_max_seq_len_check"  # [max_seq_len] zeros: row t - 1 exists iff t fits
+_VOCAB_CHECK = "_perfml_vocab_size_check"  # [1, 1] zeros: row 1 (a bad id's flag) does not
+
+
+def _token_limits(
+    model: nn.Module,
+    args: tuple[Tensor, ...],
+    max_seq_len: int | None,
+    vocab_size: int | None,
+) -> tuple[int, int] | None:
+    """(max_seq_len, vocab_size) of a language model taking token ids [B, T] first: the
+    arguments, else `model.config`'s; None for any other model."""
+    config = getattr(model, "config", None)
+    given = max_seq_len is not None or vocab_size is not None
+    if max_seq_len is None:
+        max_seq_len = getattr(config, "max_seq_len", None)
+    if vocab_size is None:
+        vocab_size = getattr(config, "vocab_size", None)
+    ids = args[0] if args else None
+    is_ids = ids is not None and ids.dim() == 2 and not ids.is_floating_point()
+    is_ids = is_ids and not ids.is_complex() and ids.dtype != torch.bool
+    if given and not is_ids:
+        raise ValueError(
+            "to_onnx: max_seq_len / vocab_size describe token ids, so example_inputs[0] must be "
+            f"an integer tensor [batch, seq], got {ids.dtype if ids is not None else None} "
+            f"{tuple(ids.shape) if ids is not None else ()}"
+        )
+    if not is_ids or max_seq_len is None or vocab_size is None:
+        return None
+    for name, value in (("max_seq_len", max_seq_len), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"to_onnx: {name} must be a positive int, got {value!r}")
+    if ids.shape[1] > max_seq_len:
+        raise ValueError(
+            f"to_onnx: example_inputs[0] has {ids.shape[1]} tokens, over max_seq_len {max_seq_len}"
+        )
+    return max_seq_len, vocab_size
+
+
+@contextlib.contextmanager
+def _token_checks(model: nn.Module, limits: tuple[int, int]) -> Iterator[None]:
+    """While exporting, a forward pre-hook routes the token ids through the two checks that
+    make onnxruntime fail where PyTorch raises (see the module docstring); their tables are
+    buffers of the model for that time only."""
+    max_seq_len, vocab_size = limits
+    device = next((t.device for t in model.buffers()), None)
+    device = next((t.device for t in model.parameters()), device)
+    seq_check = torch.zeros(max_seq_len, dtype=torch.int64, device=device)
+    vocab_check = torch.zeros(1, 1, dtype=torch.int64, device=device)
+
+    def check(module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids, *rest = inputs
+        outside = (ids < 0) | (ids >= vocab_size)
+        zero = F.embedding(outside.long(), getattr(module, _VOCAB_CHECK)).squeeze(-1)
+        zero = zero + getattr(module, _SEQ_CHECK)[ids.shape[1] - 1]
+        return (ids + zero.to(ids.dtype), *rest)
+
+    model.register_buffer(_SEQ_CHECK, seq_check, persistent=False)
+    model.register_buffer(_VOCAB_CHECK, vocab_check, persistent=False)
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+        del model._buffers[_SEQ_CHECK], model._buffers[_VOCAB_CHECK]
+
+
+def _name_token_checks(model: Any, limits: tuple[int, int]) -> None:
+    """Give the checks' Gather nodes names that say the limit: onnxruntime's error names the
+    node that failed. A check folded away (a static sequence length) has no node."""
+    max_seq_len, vocab_size = limits
+    names = {
+        _SEQ_CHECK: f"sequence_longer_than_max_seq_len_{max_seq_len}",
+        _VOCAB_CHECK: f"input_ids_outside_vocab_size_{vocab_size}",
+    }
+    for node in model.graph.all_nodes():
+        source = node.inputs[0] if node.inputs else None
+        if node.op_type == "Gather" and source is not None and source.name in names:
+            node.name = names[source.name]
+            source.name = names[source.name] + "_table"
+
+
+def _bfloat16_tensor(model: nn.Module, args: tuple[Tensor, ...]) -> str | None:
+    """The name of the first bfloat16 parameter, buffer or input, if any."""
+    for name, t in model.named_parameters():
+        if t.dtype == torch.bfloat16:
+            return name
+    for name, t in model.named_buffers():
+        if t.dtype == torch.bfloat16:
+            return name
+    return next(
+        (f"example_inputs[{i}]" for i, a in enumerate(args) if a.dtype == torch.bfloat16), None
+    )
+
+
+# --- output noise ----------------------------------------------------------------------------
+
+# what torch.onnx / torch.export print on every export and that says nothing about this model
+_NOISE_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: .* will not be used, since it shares the same shape"),
+)
+_NOISE_LOGS = (("torch.onnx._internal.exporter._registration", "torchvision is not installed"),)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the known torch.onnx / torch.export warnings and log lines around the export
+    call only; every other warning and every error passes."""
+    filters = []
+    for name, prefix in _NOISE_LOGS:
+        log_filter = _DropMessages(prefix)
+        logging.getLogger(name).addFilter(log_filter)
+        filters.append((name, log_filter))
+    try:
+        with warnings.catch_warnings():
+            for category, message in _NOISE_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for name, log_filter in filters:
+            logging.getLogger(name).removeFilter(log_filter)
+
+
 # --- the entry point -------------------------------------------------------------------------
 
 
 def _count_ops(model: Any) -> dict[str, int]:
     counts: Counter[str] = Counter(node.op_type for node in model.graph.all_nodes())
     return dict(counts)
+
+
+def _name_io(
+    graph: Any,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    language_model: bool,
+) -> None:
+    """Rename the graph's inputs and outputs: the names given, else `input_ids` / `logits` for
+    a language model (its first input, its one output); other names stay torch.onnx's."""
+    for values, names, what in (
+        (graph.inputs, input_names, "input_names"),
+        (graph.outputs, output_names, "output_names"),
+    ):
+        if names is None:
+            continue
+        names = list(names)
+        if len(names) != len(values) or len(set(names)) != len(names):
+            raise ValueError(
+                f"to_onnx: {what} must be {len(values)} distinct names (one per graph "
+                f"{what.split('_')[0]}), got {names!r}"
+            )
+        if not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"to_onnx: {what} must be non-empty strings, got {names!r}")
+    taken = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
+    taken |= set(graph.initializers)
+    if input_names is None and language_model and graph.inputs:
+        input_names = [TOKEN_INPUT, *(v.name for v in list(graph.inputs)[1:])]
+    if output_names is None and language_model and len(graph.outputs) == 1:
+        output_names = [LOGITS_OUTPUT]
+    for values, names in ((graph.inputs, input_names), (graph.outputs, output_names)):
+        for value, name in zip(values, names or [], strict=False):
+            if value.name == name:
+                continue
+            if name in taken:
+                raise ValueError(f"to_onnx: the name {name!r} is already used in the graph")
+            taken.discard(value.name)
+            value.name = name
+            taken.add(name)
+
+
+def _move_into_place(folder: Path, path: Path, external: bool) -> None:
+    """The verified files of `folder` replace `path` (and `<path>.data`): the data first, so the
+    model never points at a missing or older weights file."""
+    if external:
+        os.replace(folder / (path.name + ".data"), path.with_name(path.name + ".data"))
+    os.replace(folder / path.name, path)
+
+
+def _keep_rejected(folder: Path, path: Path) -> Path:
+    """Move a model that failed the parity check to `<path>.parity-failed/` for inspection."""
+    kept = path.with_name(path.name + ".parity-failed")
+    if kept.is_dir():
+        shutil.rmtree(kept)
+    elif kept.exists():
+        kept.unlink()
+    os.replace(folder, kept)
+    return kept / path.name
 
 
 def to_onnx(
@@ -482,6 +836,10 @@ def to_onnx(
     dynamic_seq: bool = True,
     verify: bool = True,
     opset: int | None = None,
+    max_seq_len: int | None = None,
+    vocab_size: int | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> ExportReport:
     """Export `model` (evaluated on `example_inputs`, positional tensors) to the ONNX file `path`.
 
@@ -490,7 +848,21 @@ def to_onnx(
     in eval mode (its training flag is restored afterwards). verify=True checks onnxruntime
     against PyTorch on fresh inputs of another batch and sequence length and raises ParityError
     above TOLERANCE (see the module docstring). Raises ExportError naming the op and module for
-    anything that has no ONNX form.
+    anything that has no ONNX form, and up front for bfloat16 with verify=True (onnxruntime's
+    CPU provider cannot run it: export model.float() or model.half()).
+
+    Names. A language model (example_inputs[0] integer token ids [batch, seq] and max_seq_len
+    / vocab_size given or read from `model.config`, as for perfml's Llama) has the graph input
+    `input_ids` [batch, seq] (int64) and the output `logits` [batch, seq, vocab_size]; its two
+    limits go into the model's metadata_props ("max_seq_len", "vocab_size") and are checked
+    inside the graph (onnxruntime fails on a longer sequence or a token id outside
+    0..vocab_size-1, naming the limit in the failing node's name), and OnnxRunner / run_onnx
+    check them before running. Other models keep the forward's argument names as input names
+    and torch.onnx's output names; input_names / output_names override either.
+
+    The file appears at `path` only after everything (the verification included) succeeded: a
+    failure leaves no file and an earlier model at `path` untouched; a model that fails the
+    parity check is kept for inspection in `<path>.parity-failed/`.
     """
     from torch.onnx import export as onnx_export
 
@@ -500,34 +872,54 @@ def to_onnx(
         raise TypeError(f"to_onnx: model must be an nn.Module, got {type(model).__name__}")
     args = _as_tuple(example_inputs)
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"to_onnx: path {path} is a directory; give the .onnx file to write")
+    bf16 = _bfloat16_tensor(model, args)
+    if verify and bf16 is not None:
+        raise ExportError(
+            f"to_onnx: {type(model).__name__} holds bfloat16 tensors (first: {bf16}) and "
+            "onnxruntime's CPU provider, which verify=True runs, has no bfloat16 kernels; export "
+            "model.float() (or model.half(): fp16 runs), or pass verify=False to write an "
+            "unverified bfloat16 graph for a runtime that runs it"
+        )
     opset, rms_normalization = resolve_opset(opset)
+    limits = _token_limits(model, args, max_seq_len, vocab_size)
     dynamic = _dynamic_shapes(args, dynamic_batch, dynamic_seq)
     table = build_table(opset, rms_normalization)
     was_training = model.training
     model.eval()
+    folder: Path | None = None
     try:
         start = time.perf_counter()
-        ep = _capture(model, args, dynamic)
-        perfml_ops = _check_ops(ep, table, model)
-        try:
-            program = onnx_export(
-                ep,
-                args,
-                dynamic_shapes=dynamic,
-                custom_translation_table=table,
-                opset_version=opset,
-                optimize=False,
-                verbose=False,
-            )
-        except Exception as exc:
-            raise ExportError(_conversion_error(exc, ep, model, opset)) from exc
-        import onnxscript.optimizer
+        with _quiet():
+            with _token_checks(model, limits) if limits else contextlib.nullcontext():
+                ep = _capture(model, args, dynamic)
+            perfml_ops = _check_ops(ep, table, model)
+            try:
+                program = onnx_export(
+                    ep,
+                    args,
+                    dynamic_shapes=dynamic,
+                    custom_translation_table=table,
+                    opset_version=opset,
+                    optimize=False,
+                    verbose=False,
+                )
+            except Exception as exc:
+                raise ExportError(_conversion_error(exc, ep, model, opset)) from exc
+            import onnxscript.optimizer
 
-        onnxscript.optimizer.optimize(program.model)
+            onnxscript.optimizer.optimize(program.model)
+        _name_io(program.model.graph, input_names, output_names, limits is not None)
+        if limits:
+            _name_token_checks(program.model, limits)
+            program.model.metadata_props["max_seq_len"] = str(limits[0])
+            program.model.metadata_props["vocab_size"] = str(limits[1])
         weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values())
         external = weights >= EXTERNAL_DATA_THRESHOLD
         path.parent.mkdir(parents=True, exist_ok=True)
-        program.save(path, external_data=external)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        program.save(folder / path.name, external_data=external)
         graph = program.model.graph
         report = ExportReport(
             path=path,
@@ -545,22 +937,35 @@ def to_onnx(
                 if v.shape is not None and any(not isinstance(d, int) for d in v.shape)
             },
             export_s=time.perf_counter() - start,
+            max_seq_len=limits[0] if limits else None,
+            vocab_size=limits[1] if limits else None,
         )
+        if bf16 is not None:
+            report.notes.append(
+                f"unverified: bfloat16 ({bf16}); onnxruntime's CPU provider cannot run this graph"
+            )
         if verify:
             start = time.perf_counter()
-            report.parity = _verify(model, ep, args, report)
+            report.parity = _verify(model, ep, args, report, folder / path.name)
             report.verify_s = time.perf_counter() - start
             if not report.parity.ok:
+                report.path = _keep_rejected(folder, path)
+                report.external_data = None
+                folder = None
                 p = report.parity
                 raise ParityError(
                     f"ONNX parity check failed for {type(model).__name__}: max rel err "
                     f"{p.max_rel_err:.3g} > tolerance {p.tolerance:g} (max abs err "
                     f"{p.max_abs_err:.3g}) on fresh inputs {_shapes_text(p.input_shapes)} "
-                    f"(example {_shapes_text(p.example_shapes)}); the model is kept at {path}",
+                    f"(example {_shapes_text(p.example_shapes)}); nothing was written to {path}, "
+                    f"the rejected model is kept at {report.path}",
                     report,
                 )
+        _move_into_place(folder, path, external)
     finally:
         model.train(was_training)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return report
 
 
@@ -571,11 +976,9 @@ def load_model(path: str | Path, checkpoint: str = "latest") -> nn.Module:
     """The Llama behind `path`: a model directory written by `perfml quantize` / `perfml prune`
     (its passes replayed, so an Int8 weight-only model exports as QDQ), or a `perfml train` run
     directory (its "latest" or "best" checkpoint, or the checkpoint directory given)."""
-    from perfml.quant.model_dir import META_FILE, load_model_dir, load_run
+    from perfml import runs
 
-    if (Path(path) / META_FILE).is_file():
-        return load_model_dir(path)
-    return load_run(path, checkpoint)[0]
+    return runs.load_model(path, checkpoint).model
 
 
 def export_run(

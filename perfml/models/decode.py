@@ -25,7 +25,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from perfml.models.llama import StaticKVCache, check_sampling, sample_tokens
+from perfml.models.llama import (
+    DEFAULT_TEMPERATURE,
+    StaticKVCache,
+    check_sampling,
+    sample_tokens,
+)
 
 # warm-up steps before capture: Triton compiles, cuBLAS picks kernels, the cache allocates
 _WARMUP_STEPS = 2
@@ -150,15 +155,15 @@ class Decoder:
         self,
         input_ids: Tensor,
         max_new_tokens: int,
-        temperature: float = 0.0,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Continue input_ids [B, T] by up to max_new_tokens tokens from an empty cache; returns
-        [B, T + n]. Llama.generate's sampling: temperature=0 (the default here) is greedy, top_k
-        keeps the k most likely tokens; a row that produced eos_token_id is padded with it, and
-        generation stops when every row has."""
+        [B, T + n]. Llama.generate's sampling and default: temperature=0 (the default) is
+        greedy, temperature > 0 samples, top_k keeps the k most likely tokens; a row that
+        produced eos_token_id is padded with it, and generation stops when every row has."""
         check_sampling("Decoder.generate", max_new_tokens, temperature, top_k)
         if input_ids.shape[-1] + max_new_tokens > self.max_len:
             raise ValueError(

@@ -104,6 +104,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# the sampling default of every generate() (Llama.generate, Decoder.generate, `perfml generate`):
+# greedy, so that a continuation is reproducible unless sampling is asked for
+DEFAULT_TEMPERATURE = 0.0
+
+
 @dataclass
 class LlamaConfig:
     """Architecture of a Llama model; `LlamaConfig.preset(name, **overrides)` for the named sizes.
@@ -616,14 +621,16 @@ class Llama(nn.Module):
         self,
         input_ids: Tensor,
         max_new_tokens: int,
-        temperature: float = 1.0,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int | None = None,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Continue input_ids [B, T] by up to max_new_tokens tokens with a KV cache; returns
-        [B, T + n]. temperature=0 is greedy; top_k keeps the k most likely tokens. A row that
-        produced eos_token_id is padded with it; generation stops when every row has."""
+        [B, T + n]. temperature=0 (the default, as in Decoder.generate and `perfml generate`)
+        is greedy; temperature > 0 samples (with `generator`), top_k keeping the k most likely
+        tokens. A row that produced eos_token_id is padded with it; generation stops when every
+        row has."""
         check_sampling("Llama.generate", max_new_tokens, temperature, top_k)
         total = input_ids.shape[-1] + max_new_tokens
         if total > self.config.max_seq_len:

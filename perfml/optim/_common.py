@@ -214,6 +214,18 @@ def on_device(t: Tensor | None, device: torch.device, cache: dict) -> Tensor | N
 # --- the optimizer base ----------------------------------------------------------------------
 
 
+def compiler_disable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compiler.disable(fn), applied on fn's first call rather than when it is decorated.
+
+    torch.compiler.disable imports torch._dynamo (seconds of import time) the moment it decorates,
+    so decorating step() with it made `import perfml` pay for the compiler. torch's own optimizers
+    defer it the same way (torch._disable_dynamo): a compiled region that calls step() still sees
+    a function dynamo will not trace, and breaks the graph cleanly around it.
+    """
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """torch.optim.Optimizer plus the parts perfml's fused optimizers share.
 

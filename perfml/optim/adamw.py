@@ -47,6 +47,7 @@ from perfml.optim._common import (
     FusedOptimizer,
     PointerTables,
     check_hyperparameters,
+    compiler_disable,
     kernel_eligible,
     on_device,
     step_tensor,
@@ -563,7 +564,7 @@ class AdamW(FusedOptimizer):
             group.setdefault("fused", None)
             group["decoupled_weight_decay"] = True
 
-    @torch.compiler.disable  # raw pointers and extension calls: a clean graph break
+    @compiler_disable  # raw pointers and extension calls: a clean graph break
     @torch.no_grad()
     def step(
         self,

@@ -45,6 +45,7 @@ from perfml.optim._common import (
     FusedOptimizer,
     PointerTables,
     check_hyperparameters,
+    compiler_disable,
     kernel_eligible,
     on_device,
     step_tensor,
@@ -435,7 +436,7 @@ class AdamW8bit(FusedOptimizer):
             group.setdefault("maximize", False)
             group.setdefault("amsgrad", False)
 
-    @torch.compiler.disable  # raw pointers and extension calls: a clean graph break
+    @compiler_disable  # raw pointers and extension calls: a clean graph break
     @torch.no_grad()
     def step(
         self,

@@ -1,14 +1,15 @@
-"""Model directories written by `perfml quantize` / `perfml prune`, and the run-directory helpers
-those commands share (loading a trained Llama, its validation perplexity).
+"""Model directories written by `perfml quantize` / `perfml prune` (perfml.runs opens them and
+run directories alike).
 
 A model directory holds
   model.safetensors  the state_dict as it is: packed int8/int4/float8 buffers, pruned shapes
                      (tied weights stored once, through safetensors' save_model)
   perfml_model.json  {"model_config": LlamaConfig dict, "passes": [{"pass", "config", "args"}],
-                     "report": the pass's report}
-Loading builds the float model from the config, replays each pass's structure (a quantize pass
-re-runs the transform, a structured prune resizes the layers to the stored shapes; unstructured
-and 2:4 pruning change values only) and loads the tensors strictly, so a mismatch is an error.
+                     "report": the last pass's report}
+Loading builds the float model from the config, replays each pass's structure in order (a quantize
+pass re-runs the transform, a structured prune resizes the layers to the float shapes it recorded;
+unstructured and 2:4 pruning change values only) and loads the tensors strictly, so a mismatch is
+an error. Passes chain: a pruned model directory quantized again lists both passes.
 """
 
 from __future__ import annotations
@@ -21,16 +22,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from perfml._files import default_mode
+
 MODEL_FILE = "model.safetensors"
 META_FILE = "perfml_model.json"
 
 
-def describe_config(pass_name: str, config: Any, *, include_head: bool = False) -> dict[str, Any]:
+def describe_config(
+    pass_name: str, config: Any, *, include_head: bool = False, model: nn.Module | None = None
+) -> dict[str, Any]:
     """The pass entry of perfml_model.json; include_head records that the quantize pass took the
-    output head too (the default filter leaves lm_head alone)."""
+    output head too (the default filter leaves lm_head alone). For a structured prune, `model`
+    (the pruned model) gives the float shapes to rebuild, so that a later pass (quantizing)
+    may change how the weights are stored."""
     entry = {"pass": pass_name, "config": type(config).__name__, "args": dataclasses.asdict(config)}
     if include_head:
         entry["include_head"] = True
+    if model is not None and entry["config"] == "StructuredConfig":
+        entry["shapes"] = {
+            name: list(t.shape)
+            for name, t in model.state_dict().items()
+            if name.endswith((".mlp.gate_proj.weight", ".self_attn.k_proj.weight"))
+        }
     return entry
 
 
@@ -70,6 +83,7 @@ def save_model_dir(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_model(model, str(path / MODEL_FILE))
+    default_mode(path / MODEL_FILE)  # safetensors writes 0600; the other files are 0644
     meta = {"model_config": model_config, "passes": passes, "report": report}
     (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path
@@ -93,7 +107,13 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> nn.M
         elif entry["config"] == "StructuredConfig":
             from perfml.sparsity.structured import resize_like
 
-            resize_like(model, state)
+            # the float shapes the pass left (recorded since passes chain; older directories:
+            # read from the stored float weights)
+            shapes = entry.get("shapes")
+            sizes = state if shapes is None else {
+                name: torch.empty(shape, device="meta") for name, shape in shapes.items()
+            }  # fmt: skip
+            resize_like(model, sizes)
     # tied weights are stored once: load_state_dict(strict=False) then check what is missing
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if model.lm_head is None else set()
@@ -101,49 +121,3 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     if missing or unexpected:
         raise ValueError(f"{path / MODEL_FILE}: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()
-
-
-# --- run directories (written by perfml train) --------------------------------------------------
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "latest") -> tuple[nn.Module, dict[str, Any]]:
-    """The float Llama of a training run's checkpoint ("latest", "best" or a path), on the CPU,
-    and the checkpoint's meta."""
-    from perfml.models.llama import Llama, LlamaConfig
-    from perfml.train import load_checkpoint, resolve_checkpoint
-
-    which = checkpoint if checkpoint in ("latest", "best") else "latest"
-    target = Path(run_dir) if checkpoint in ("latest", "best") else Path(checkpoint)
-    loaded = load_checkpoint(resolve_checkpoint(target, which), model_only=True)
-    model = Llama(LlamaConfig.from_dict(loaded.meta["model_config"]))
-    model.load_state_dict(loaded.model)
-    return model.eval(), loaded.meta
-
-
-def run_perplexity(
-    model: nn.Module, run_dir: str | Path, *, device: torch.device, batches: int | None = None
-) -> dict[str, float]:
-    """Validation loss and perplexity of `model` on the run's held-out split, through the
-    trainer's own evaluate() (same batches as `perfml eval`)."""
-    from perfml.train import distributed
-    from perfml.train.config import load_config
-    from perfml.train.trainer import (
-        CONFIG_FILE,
-        build_data,
-        evaluate,
-        resolve_precision,
-        token_loader,
-    )
-
-    config = load_config(Path(run_dir) / CONFIG_FILE)
-    env = distributed.DistEnv(0, 1, 0, device)
-    data = build_data(config)
-    metrics = evaluate(
-        model.to(device),
-        token_loader(data.val_tokens, config, env, split="val"),
-        device=device,
-        precision=resolve_precision(config.precision, device),
-        max_batches=batches or config.eval_batches,
-        env=env,
-    )
-    return {"val_loss": metrics["loss"], "ppl": metrics["ppl"], "tokens": metrics["tokens"]}

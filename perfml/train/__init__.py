@@ -9,7 +9,7 @@ loggers (metrics.jsonl, TensorBoard, MLflow), callbacks, and DDP / FSDP2 under t
 from perfml.train.callbacks import Callback, EarlyStopping
 from perfml.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_checkpoint
 from perfml.train.config import ConfigError, TrainConfig, load_config
-from perfml.train.trainer import Trainer, TrainResult, evaluate_run
+from perfml.train.trainer import Trainer, TrainResult, validation_metrics
 
 __all__ = [
     "Callback",
@@ -20,8 +20,8 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
-    "evaluate_run",
     "load_checkpoint",
     "load_config",
     "resolve_checkpoint",
+    "validation_metrics",
 ]

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from perfml.train.trainer import Trainer, TrainResult
+from perfml.train.result import TrainResult
+
+
+class Trainer(Protocol):
+    """What a hook may use of the Trainer that calls it (perfml.train.Trainer); declared here so
+    that this module does not import trainer.py, which imports it."""
+
+    model: Any  # the model being trained (DDP/FSDP-wrapped under torchrun)
+    env: Any  # perfml.train.distributed.DistEnv: rank, world_size, is_main, device
+    step: int  # optimizer steps taken so far
+
+    def request_stop(self, reason: str) -> None: ...
 
 
 class Callback:

@@ -26,13 +26,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from perfml._files import default_mode
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer.pt"
@@ -124,6 +128,7 @@ def _write_model(path: Path, model_state: dict[str, torch.Tensor]) -> None:
         seen[key] = name
         tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
     save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+    default_mode(path)  # safetensors writes 0600; the other files of a checkpoint are 0644
     with open(path, "rb+") as f:
         _sync(f)
 
@@ -296,3 +301,54 @@ def remove_leftovers(root: str | Path) -> None:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+
+
+# --- the random generators a checkpoint saves and a resume restores --------------------------
+
+# numpy's legacy global generator on purpose (NPY002): it is the one user code and libraries draw
+# from, so it is the one a resume must put back
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA generator states as tensors and numbers (weights_only-safe)."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    return {
+        "python": {
+            "version": version,
+            "words": torch.tensor(words, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002
+    torch.manual_seed(seed)

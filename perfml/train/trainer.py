@@ -38,7 +38,6 @@ import dataclasses
 import importlib
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -48,10 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import perfml
+from perfml._dtypes import torch_dtypes
 from perfml.train import checkpoint as ckpt
 from perfml.train import distributed
 from perfml.train.callbacks import Callback, EarlyStopping
@@ -64,25 +63,12 @@ from perfml.train.loggers import (
     import_mlflow,
     plot_loss_curve,
 )
+from perfml.train.result import TrainResult
 from perfml.train.schedule import build_scheduler
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    stop_reason: str  # "max_steps" | "early_stop" | "SIGTERM" | "SIGINT" | a callback's reason
-    train_loss: float | None
-    val_loss: float | None
-    best_val_loss: float | None
-    last_checkpoint: Path | None
-    best_checkpoint: Path | None
-    tokens: int
-    elapsed_s: float
+DTYPES = torch_dtypes()  # the one map of perfml._dtypes: {"fp32": torch.float32, ...}
 
 
 @dataclass
@@ -238,92 +224,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-# numpy's legacy global generator on purpose (NPY002): it is the one user code and libraries draw
-# from, so it is the one a resume must put back
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA generator states as tensors and numbers (weights_only-safe)."""
-    version, words, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
-    return {
-        "python": {
-            "version": version,
-            "words": torch.tensor(words, dtype=torch.int64),
-            "gauss": gauss,
-        },
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
-    np_state = state["numpy"]
-    np.random.set_state(  # noqa: NPY002
-        (
-            "MT19937",
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002
-    torch.manual_seed(seed)
-
-
-# --- peak FLOP/s for MFU -------------------------------------------------------------------------
-
-# dense bf16/fp16 tensor-core peaks from the datasheets (SXM parts)
-_PEAK_TFLOPS = {
-    "H200": 989.4,
-    "H100": 989.4,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-}
-
-
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(FLOP/s, where the figure comes from): the datasheet peak of a known GPU in bf16/fp16, else
-    the dense matmul rate measured here in the training dtype (CPUs, other GPUs, fp32)."""
-    if device.type == "cuda" and precision in ("bf16", "fp16"):
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in _PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"{name} datasheet"
-    n = 2048 if device.type == "cuda" else 512
-    # values from no generator: measuring must not move the RNG streams a resume restores
-    a = torch.linspace(-1, 1, n * n, device=device, dtype=DTYPES[precision]).reshape(n, n)
-    b = a.T.contiguous()
-    for _ in range(2):
-        a @ b
-    reps = 5
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    rate = 2 * n**3 * reps / (time.perf_counter() - start)
-    return rate, f"measured {n}^3 {precision} matmul"
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -405,7 +305,7 @@ class Trainer:
             and not torch.cuda.is_bf16_supported()
         ):
             raise ConfigError(f"precision: bf16 is not supported on {torch.cuda.get_device_name()}")
-        seed_everything(config.seed)
+        ckpt.seed_everything(config.seed)
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -413,7 +313,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
 
         checkpoint = self._find_resume_checkpoint()
-        self._prepare_run_dir(resuming=checkpoint is not None)
+        self._check_run_dir(resuming=checkpoint is not None)
 
         # rank 0 tokenizes (and trains a BPE) into the cache first; the other ranks then read it
         if not self.env.is_main:
@@ -447,8 +347,13 @@ class Trainer:
             config.batch_size * config.seq_len * config.grad_accum * self.env.world_size
         )
         self.flops_per_token = self.model.flops_per_token(config.seq_len)
+        from perfml.bench.ceilings import peak_flops  # the bench package only when training
+
         self.peak_flops, self.peak_source = peak_flops(self.device, self.precision)
 
+        # nothing is written before here: a bad preset, model_args key or data path leaves no
+        # run directory behind
+        self._prepare_run_dir()
         if self.env.is_main:
             save_config(config, self.run_dir / CONFIG_FILE)
             self.data.tokenizer.save(self.run_dir / TOKENIZER_FILE)
@@ -467,12 +372,14 @@ class Trainer:
         path = ckpt.resolve_checkpoint(self.resume_from)
         return ckpt.load_checkpoint(path)
 
-    def _prepare_run_dir(self, resuming: bool) -> None:
+    def _check_run_dir(self, resuming: bool) -> None:
         if not resuming and (self.run_dir / CONFIG_FILE).exists():
             raise ConfigError(
                 f"out_dir: {self.run_dir} already holds a run; continue it with "
                 f"`perfml train --resume {self.run_dir}` or choose another out_dir"
             )
+
+    def _prepare_run_dir(self) -> None:
         if self.env.is_main:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
             ckpt.remove_leftovers(self.ckpt_root)
@@ -558,7 +465,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed_s = state["step"], state["tokens"], state["elapsed_s"]
         self.last_val_loss = state["last_val_loss"]
         self.last_checkpoint = checkpoint.path
-        set_rng_state(state["rng"])  # last: nothing above may draw from the generators again
+        ckpt.set_rng_state(state["rng"])  # last: nothing above may draw from the generators again
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -737,7 +644,7 @@ class Trainer:
                 "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "rng": rng_state(),
+                "rng": ckpt.rng_state(),
                 "loader": self.loader.state_dict(),
                 "early_stopping": self.early_stopping.state_dict(),
             }
@@ -860,59 +767,40 @@ def _si(value: float) -> str:
 # --- `perfml eval` ---------------------------------------------------------------------------
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    checkpoint: str = "latest",
+def validation_metrics(
+    model: torch.nn.Module,
+    config: TrainConfig,
     *,
+    device: str | torch.device = "auto",
     batches: int | None = None,
-    device: str = "auto",
+    world_size: int = 1,
+    fingerprint: str | None = None,
+    source: str = "the model",
 ) -> dict[str, Any]:
-    """Validation loss and perplexity of a run's checkpoint ("latest", "best" or a path) on the
-    validation batches the run's own evaluations used (its global batch: batch_size x the world
-    size it trained with); `batches` caps the batches (default: the run's eval_batches)."""
-    from perfml.models.llama import Llama, LlamaConfig
-    from perfml.train.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    config = load_config(run_dir / CONFIG_FILE)
-    which = checkpoint if checkpoint in ("latest", "best") else "latest"
-    target = run_dir if checkpoint in ("latest", "best") else Path(checkpoint)
-    loaded = ckpt.load_checkpoint(ckpt.resolve_checkpoint(target, which), model_only=True)
-    env = distributed.DistEnv(0, 1, 0, torch.device(_device_name(device)))
+    """Validation loss and perplexity of `model` on the held-out split of the run `config`
+    describes, over the batches the run's own evaluations used (its global batch: batch_size x
+    the `world_size` it trained with); `batches` caps them (default: the run's eval_batches).
+    `fingerprint`, when given, is the corpus fingerprint the model was trained on: a corpus that
+    changed since is a ConfigError naming `source`. perfml.runs.evaluate opens a run or model
+    directory and calls this."""
+    device = torch.device(_device_name(device) if isinstance(device, str) else device)
+    env = distributed.DistEnv(0, 1, 0, device)
     data = build_data(config)
-    if data.fingerprint != loaded.meta["data"]["fingerprint"]:
+    if fingerprint is not None and data.fingerprint != fingerprint:
         raise ConfigError(
-            f"data: the corpus changed since {loaded.path} was written (fingerprint "
-            f"{data.fingerprint}, the run used {loaded.meta['data']['fingerprint']})"
+            f"data: the corpus changed since {source} was written (fingerprint "
+            f"{data.fingerprint}, the run used {fingerprint})"
         )
-    model = Llama(LlamaConfig.from_dict(loaded.meta["model_config"])).to(env.device)
-    problem = structure_mismatch(model, loaded.model)
-    if problem is not None:
-        raise ConfigError(
-            f"{loaded.path}: its weights do not fit the model its model_config builds ({problem}): "
-            "the run trained a model of another structure (e.g. a structurally pruned one)"
-        )
-    model.load_state_dict(loaded.model)
-    precision = resolve_precision(config.precision, env.device)
-    global_batch = config.batch_size * int(loaded.meta.get("world_size", 1))
-    val_config = dataclasses.replace(config, batch_size=global_batch)
+    val_config = dataclasses.replace(config, batch_size=config.batch_size * world_size)
     metrics = evaluate(
-        model,
+        model.to(device),
         token_loader(data.val_tokens, val_config, env, split="val"),
-        device=env.device,
-        precision=precision,
+        device=device,
+        precision=resolve_precision(config.precision, device),
         max_batches=batches or config.eval_batches,
         env=env,
     )
-    return {
-        "checkpoint": str(loaded.path),
-        "step": loaded.step,
-        "val_loss": metrics["loss"],
-        "ppl": metrics["ppl"],
-        "tokens": metrics["tokens"],
-    }
+    return {"val_loss": metrics["loss"], "ppl": metrics["ppl"], "tokens": metrics["tokens"]}
 
 
 def _device_name(device: str) -> str:

@@ -53,7 +53,7 @@ def test_resume_from_a_checkpoint_directory(config_file, tmp_path, capsys):
     [
         (["train", "--set", "lr=fast"], "perfml train: error: --set lr=fast: lr expects a number"),
         (["train", "--set", "nope=1"], "perfml train: error: --set nope=1: unknown key 'nope'"),
-        (["eval", "/no/such/run"], "perfml eval: error: /no/such/run: not a run directory"),
+        (["eval", "/no/such/run"], "perfml eval: error: /no/such/run: no such directory"),
         (["train", "--resume", "/no/such/run"], "/no/such/run/config.yaml: cannot read"),
     ],
 )
@@ -76,3 +76,36 @@ def test_config_and_resume_are_exclusive(capsys):
         cli.main(["train", "--config", "a.yaml", "--resume", "run"])
     assert info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model=nosuchpreset", "nosuchpreset"),
+        ("model_args.nosuchkey=1", "nosuchkey"),
+        ("data=/no/such/corpus.txt", "/no/such/corpus.txt"),
+    ],
+)
+def test_a_run_that_fails_validation_leaves_no_run_directory(
+    config_file, tmp_path, capsys, override, message
+):
+    assert cli.main(["train", "--config", str(config_file), "--set", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_again_prints_a_clean_summary(config_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config_file)]) == 0
+    capsys.readouterr()
+    # nothing left to train: no train loss this time, and no stray separator in its place
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    summary = next(line for line in out.splitlines() if line.startswith("step 4:"))
+    assert "; ," not in summary and ";;" not in summary
+    assert summary.startswith("step 4: reached max_steps; val loss ")
+
+
+def test_train_takes_device_like_the_other_commands(config_file, tmp_path):
+    assert cli.main(["train", "--config", str(config_file), "--device", "cpu"]) == 0
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["device"] == "cpu"

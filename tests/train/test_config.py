@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from perfml import cli
+from perfml.cli import demo as demo_command
 from perfml.train import ConfigError, TrainConfig, load_config
 from perfml.train.config import save_config
 from perfml.train.trainer import model_config
@@ -21,7 +21,7 @@ def test_defaults_are_valid():
 
 def test_tiny_yaml_is_the_demo_run():
     config = load_config(REPO / "configs" / "tiny.yaml")
-    demo = TrainConfig.from_dict(cli.DEMO_SETTINGS)
+    demo = TrainConfig.from_dict(demo_command.DEMO_SETTINGS)
     assert config.to_dict() == {**demo.to_dict(), "out_dir": "runs/tiny"}
 
 

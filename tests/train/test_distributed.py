@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from perfml.train import Trainer, evaluate_run
+from perfml.runs import evaluate as evaluate_run
+from perfml.train import Trainer
 from tests.train.conftest import config_args, read_rows, subprocess_env
 
 pytestmark = pytest.mark.skipif(

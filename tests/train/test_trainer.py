@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from perfml import data
+from perfml.runs import evaluate as evaluate_run
 from perfml.train import (
     Callback,
     CheckpointError,
     ConfigError,
     Trainer,
-    evaluate_run,
     load_checkpoint,
     load_config,
 )

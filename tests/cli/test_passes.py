@@ -1,62 +1,22 @@
-"""`perfml quantize` / `perfml prune` on a small trained run: a new model directory that loads,
-with perplexity before and after in its report (and after fine-tuning, for prune
---finetune-steps)."""
+"""`perfml quantize` / `perfml prune` on a small trained run (tests/cli/conftest.py): a new
+model directory that loads, with perplexity before and after in its report (and after
+fine-tuning, for prune --finetune-steps); passes chain through model directories; outputs are
+written whole or not at all."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sysconfig
-from pathlib import Path
+import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from perfml import cli, sparsity
+from perfml import cli, runs, sparsity
 from perfml.quant import model_dir
-from perfml.train import TrainConfig, Trainer, load_config
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("qrun")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join((stdlib / n).read_text() for n in ("textwrap.py", "bisect.py")))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    config = TrainConfig(
-        model="tiny",
-        model_args={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_layers": 2,
-            "num_heads": 4,
-            "num_kv_heads": 2,
-            "max_seq_len": 64,
-        },
-        fused=False,
-        data=str(corpus),
-        cache_dir=str(root / "cache"),
-        seq_len=16,
-        batch_size=4,
-        max_steps=6,
-        lr=3e-3,
-        warmup_steps=1,
-        precision="fp32",
-        device="cpu",
-        eval_every=6,
-        eval_batches=2,
-        ckpt_every=6,
-        progress=False,
-        out_dir=str(root / "run"),
-    )
-    try:
-        Trainer(config).fit()
-    finally:
-        torch.set_num_threads(threads)
-    return root / "run"
+from perfml.train import load_config
 
 
 @pytest.mark.parametrize(
@@ -85,8 +45,12 @@ def test_command_writes_a_loadable_model_dir_with_perplexity(
 
 
 def test_bad_method_argument_is_usage_error(run_dir, capsys):
-    assert cli.main(["quantize", str(run_dir), "--method", "int4", "--group-size", "48"]) == 2
-    assert "group_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["quantize", str(run_dir), "--method", "int4", "--group-size", "48"])
+    assert info.value.code == 2
+    assert "--group-size: invalid choice: 48 (choose from 32, 64, 128)" in capsys.readouterr().err
+    assert cli.main(["prune", str(run_dir), "--method", "magnitude", "--amount", "1.5"]) == 2
+    assert "amount" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -129,7 +93,7 @@ def test_prune_then_finetune_writes_the_finetuned_model_and_three_perplexities(
     last = load_file(str(out / "finetune" / "checkpoints" / "step-00000008" / "model.safetensors"))
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in last.items() if k in state)
-    measured = model_dir.run_perplexity(model, run_dir, device=torch.device("cpu"))
+    measured = runs.evaluate(out, device="cpu")
     assert measured["val_loss"] == pytest.approx(tuned["val_loss"])
     assert report["sparsity"] == sparsity.sparsity_report(model)
     if method == "magnitude":  # exactly half of every pruned layer is still zero
@@ -157,23 +121,110 @@ def test_bad_finetune_arguments_are_usage_errors(run_dir, tmp_path, extra, messa
     assert not out.exists()
 
 
-def test_an_existing_finetune_run_is_not_overwritten(run_dir, tmp_path, capsys):
+def test_an_existing_output_is_refused_unless_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "out"
     (out / "finetune").mkdir(parents=True)
     (out / "finetune" / "config.yaml").write_text("max_steps: 1\n")
     argv = ["prune", str(run_dir), "--method", "2:4", "--finetune-steps", "2", "--out", str(out)]
     assert cli.main(argv) == 2
-    assert "already holds a fine-tune run" in capsys.readouterr().err
+    assert f"--out {out}: already exists; choose another path or pass --overwrite" in (
+        capsys.readouterr().err
+    )
     assert sorted(p.name for p in out.iterdir()) == ["finetune"]
+    # --overwrite replaces it with a complete model directory, nothing of the old one left
+    assert cli.main([*argv, "--overwrite", "--device", "cpu"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["finetune", "model.safetensors", "perfml_model.json", "report.json",
+                     "tokenizer.json"]  # fmt: skip
+    assert load_config(out / "finetune" / "config.yaml").max_steps == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_out_equal_to_the_input_is_refused(run_dir, tmp_path, capsys):
+    before = sorted(p.name for p in run_dir.iterdir())
+    for out in (run_dir, run_dir / "."):
+        argv = ["quantize", str(run_dir), "--method", "int8", "--out", str(out)]
+        assert cli.main([*argv, "--overwrite"]) == 2
+        assert "is the input directory" in capsys.readouterr().err
+    argv = ["quantize", str(run_dir), "--method", "int8", "--out", str(run_dir.parent)]
+    assert cli.main([*argv, "--overwrite"]) == 2
+    assert f"holds the input {run_dir}" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_a_failed_pass_leaves_nothing_behind(run_dir, tmp_path, monkeypatch, capsys):
+    from perfml import quant
+
+    def fail(*args, **kwargs):
+        raise quant.QuantizationError("the transform failed")
+
+    monkeypatch.setattr(quant, "quantize", fail)
+    out = tmp_path / "q"
+    argv = ["quantize", str(run_dir), "--method", "int8", "--out", str(out), "--device", "cpu"]
+    assert cli.main(argv) == 2
+    assert "the transform failed" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_passes_chain_prune_then_quantize_then_eval_and_export(run_dir, tmp_path, capsys):
+    pruned, quantized = tmp_path / "pruned", tmp_path / "pruned-int8"
+    argv = ["prune", str(run_dir), "--method", "structured", "--head-amount", "0.5"]
+    assert cli.main([*argv, "--out", str(pruned), "--device", "cpu"]) == 0
+    # the model directory is the input; the default output sits next to it
+    argv = ["quantize", str(pruned), "--method", "int8", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    default = tmp_path / "pruned-quantized-int8"
+    assert f"written to {default}" in capsys.readouterr().out
+    os.rename(default, quantized)
+    meta = json.loads((quantized / "perfml_model.json").read_text())
+    assert [(p["pass"], p["config"]) for p in meta["passes"]] == [
+        ("prune", "StructuredConfig"), ("quantize", "Int8WeightOnlyConfig"),
+    ]  # fmt: skip
+    report = meta["report"]
+    assert report["source"] == str(pruned) and report["run"] == str(run_dir)
+    assert report["step"] == 6 and report["checkpoint"].endswith("checkpoints/step-00000006")
+    # the quantized pruned model loads with its pruned shapes and its int8 weights
+    loaded = runs.load_model(quantized)
+    assert loaded.model.layers[0].self_attn.k_proj.out_features == 16
+    assert loaded.passes == meta["passes"] and loaded.run_dir == run_dir
+    pruned_ppl = json.loads((pruned / "report.json").read_text())["after"]["ppl"]
+    assert report["before"]["ppl"] == pytest.approx(pruned_ppl)
+
+    assert cli.main(["eval", str(quantized), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ppl"] == pytest.approx(report["after"]["ppl"])
+    assert cli.main(["eval", str(pruned), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{pruned} (prune Structured) (step 6): val loss")
+    assert cli.main(["eval", str(pruned), "--checkpoint", "best"]) == 2
+    assert "a model directory has one model" in capsys.readouterr().err
+
+    pytest.importorskip("onnxruntime")
+    onnx_file = tmp_path / "m.onnx"
+    assert cli.main(["export", str(pruned), "--out", str(onnx_file), "--seq", "8"]) == 0
+    assert onnx_file.is_file() and ") ok" in capsys.readouterr().out
+
+
+def test_model_files_have_the_default_mode(run_dir, tmp_path):
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(run_dir), "--method", "int8", "--out", str(out)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~mask)
+    checkpoint = run_dir / "checkpoints" / "step-00000006" / "model.safetensors"
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o666 & ~mask
 
 
 def test_include_head_is_recorded_and_replayed_on_load(run_dir, tmp_path, capsys):
     out = tmp_path / "head"
     argv = ["quantize", str(run_dir), "--method", "int8", "--include-head", "--out", str(out)]
     assert cli.main([*argv, "--device", "cpu"]) == 0
+    # the run's head is tied to the embedding: it stays float, and the report says so
+    assert "output head is tied to the embedding, so it stays float" in capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["include_head"] is True
-    assert model_dir.load_model_dir(out) is not None  # the run's head is tied: stays float
+    assert "include_head" not in report["config"] and report["head"].startswith("tied")
+    assert model_dir.load_model_dir(out).lm_head is None
     # an untied head is quantized by the pass and again when the directory is loaded
     from perfml import quant
     from perfml.models import Llama, LlamaConfig
@@ -194,49 +245,3 @@ def test_include_head_is_recorded_and_replayed_on_load(run_dir, tmp_path, capsys
     ids = torch.randint(0, 257, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
-
-
-def test_generate_from_a_run_and_from_a_quantized_model_dir(run_dir, tmp_path, capsys):
-    from perfml import data
-
-    argv = ["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens", "12"]
-    assert cli.main([*argv, "--device", "cpu"]) == 0
-    out, err = capsys.readouterr()
-    # greedy: the same text as the checkpoint's own Llama.generate
-    model, _ = model_dir.load_run(run_dir)
-    tokenizer = data.load_tokenizer(run_dir / "tokenizer.json")
-    prompt = torch.tensor([tokenizer.encode("def f")])
-    expected = tokenizer.decode(model.generate(prompt, 12, temperature=0)[0].tolist())
-    assert out == expected + "\n"
-    assert "12 tokens in" in err and "tokens/s" in err and "float32, eager, cpu" in err
-
-    quantized = tmp_path / "q"
-    argv = ["quantize", str(run_dir), "--method", "int8", "--out", str(quantized)]
-    assert cli.main([*argv, "--device", "cpu"]) == 0
-    assert (quantized / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
-    capsys.readouterr()
-    argv = ["generate", str(quantized), "--max-new-tokens", "6", "--temperature", "0.8"]
-    assert cli.main([*argv, "--top-k", "5", "--dtype", "bf16", "--device", "cpu"]) == 0
-    out, err = capsys.readouterr()
-    assert out.startswith("def ") and "6 tokens in" in err and "bfloat16" in err
-
-
-@pytest.mark.parametrize(
-    "extra,message",
-    [
-        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-        (["--temperature", "-1"], "--temperature must be >= 0"),
-        (["--top-k", "0"], "--top-k must be >= 1"),
-        (["--prompt", ""], "--prompt is empty"),
-    ],
-)
-def test_generate_bad_arguments(run_dir, extra, message, capsys):
-    assert cli.main(["generate", str(run_dir), *extra, "--device", "cpu"]) == 2
-    assert message in capsys.readouterr().err
-
-
-def test_generate_needs_a_directory_with_a_model(tmp_path, capsys):
-    assert cli.main(["generate", str(tmp_path / "nope"), "--device", "cpu"]) == 2
-    assert "not a directory" in capsys.readouterr().err
-    assert cli.main(["generate", str(tmp_path), "--device", "cpu"]) == 2
-    assert "perfml generate: error:" in capsys.readouterr().err

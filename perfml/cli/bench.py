@@ -1,0 +1,99 @@
+"""`perfml bench [CASE ...]`: time perfml's ops against the baselines (perfml.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from perfml.cli._common import UsageError, add_device, csv, device, shapes
+
+HELP = "time perfml's ops against eager/torch/compile/liger"
+DEFAULT_PLOTS = "bench-results/plots"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cases", nargs="*", metavar="CASE", help="cases to run (default: all)")
+    add_device(p)
+    p.add_argument("--quick", action="store_true", help="small sizes, short timings")
+    p.add_argument(
+        "--out",
+        metavar="FILE.jsonl",
+        help="append one JSON row per measurement, as each is measured (missing folders are "
+        "created; default: none, the table only)",
+    )
+    p.add_argument("--modes", type=csv, help="comma-separated: fwd,fwd+bwd (default: both)")
+    p.add_argument("--impls", type=csv, help="comma-separated impl names (default: all)")
+    p.add_argument(
+        "--shapes",
+        type=shapes,
+        help="override the case sizes, e.g. 4096x4096 (default: each case's own)",
+    )
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument(
+        "--plot",
+        action="store_true",
+        help="write one GB/s-vs-size PNG per op into --plot-dir",
+    )
+    p.add_argument(
+        "--plot-dir",
+        metavar="DIR",
+        default=DEFAULT_PLOTS,
+        help="where --plot writes (setting it implies --plot)",
+    )
+
+
+def _list_cases(dev) -> None:
+    from perfml import bench
+
+    for case in bench.all_cases():
+        sizes = ", ".join("x".join(map(str, s)) for s in case.sizes.for_device(dev, False))
+        print(f"{case.name:<16} {case.family:<10} {case.description}")
+        print(
+            f"{'':<16} modes {', '.join(case.modes)}; impls "
+            f"{', '.join(i.name for i in case.impls)}; {dev.type} sizes {sizes}"
+        )
+
+
+def _open_out(out: str) -> None:
+    """Create --out's folders and check it can be appended to, before anything is measured."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give a file (e.g. {path / 'bench.jsonl'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from perfml import bench
+
+    dev = device(args.device)
+    if args.list:
+        _list_cases(dev)
+        return 0
+    try:
+        cases = bench.select_cases(args.cases)
+    except bench.UnknownCaseError as exc:
+        raise UsageError(str(exc)) from None
+    config = bench.RunConfig(
+        device=dev, quick=args.quick, modes=args.modes, impls=args.impls, shapes=args.shapes
+    )
+    if args.out:
+        _open_out(args.out)
+    try:
+        rows = bench.run(cases, config, out=args.out, progress=sys.stderr)
+    except ValueError as exc:  # an unknown mode or impl, found before anything is measured
+        raise UsageError(str(exc)) from None
+    if args.out:
+        print(f"appended {len(rows)} rows to {args.out}", file=sys.stderr)
+    print(bench.render_table(rows))
+    if args.plot or args.plot_dir != DEFAULT_PLOTS:
+        from perfml.bench.plot import plot_rows
+
+        for path in plot_rows(rows, args.plot_dir):
+            print(f"plot: {path}", file=sys.stderr)
+    return 0
