@@ -5,9 +5,14 @@ Paths:
              (TRITON_INTERPRET=1 set before triton is imported: how CI tests kernel code)
   cpp        the C++ CPU kernels of the optional extension perfml._C (CPU tensors, outside
              interpret mode, when the extension was built)
-  reference  the plain-PyTorch `<op>_ref` functions: the definition of correct
+  aten       the fastest composite of ATen ops with the op's semantics (F.layer_norm,
+             torch.softmax, ...), autograd by ATen: what `auto` runs on CPU outside interpret
+             mode for an op without a C++ kernel (or when the extension is not built), and where
+             no other path exists (CUDA without triton, other devices)
+  reference  the plain-PyTorch `<op>_ref` functions: the definition of correct, written for
+             clarity, not speed; only when asked for, never the default
 
-PERFML_BACKEND=auto|triton|reference|cpp forces a path for every op (auto is the default);
+PERFML_BACKEND=auto|triton|cpp|aten|reference forces a path for every op (auto is the default);
 `force()` does the same for a block of code (tests and benchmarks use it). When a path that
 was not asked for explicitly is unavailable, the next one is taken and the reason is logged
 once; when it was asked for explicitly, the call fails with the reason.
@@ -26,7 +31,7 @@ import torch
 
 log = logging.getLogger("perfml")
 
-BACKENDS = ("auto", "triton", "reference", "cpp")
+BACKENDS = ("auto", "triton", "cpp", "aten", "reference")
 
 _local = threading.local()
 _said: set[str] = set()
@@ -179,13 +184,14 @@ def is_sm_at_least_90(device: torch.device | int | None = None) -> bool:
 
 
 def select(op: str, device: torch.device, *, has_cpp: bool = False) -> str:
-    """The path that runs `op` for tensors on `device`: "triton", "cpp" or "reference".
+    """The path that runs `op` for tensors on `device`: "triton", "cpp", "aten" or "reference".
 
-    `has_cpp` says whether the op has a C++ CPU kernel in perfml._C.
+    `has_cpp` says whether the op has a C++ CPU kernel in perfml._C. "reference" comes back only
+    when it was asked for; "aten" runs on any device.
     """
     setting = backend_setting()
-    if setting == "reference":
-        return "reference"
+    if setting in ("reference", "aten"):
+        return setting
     if device.type == "cuda":
         if setting == "cpp":
             raise RuntimeError(f"perfml.{op}: PERFML_BACKEND=cpp runs CPU tensors only")
@@ -194,12 +200,12 @@ def select(op: str, device: torch.device, *, has_cpp: bool = False) -> str:
         reason = f"triton is not importable ({_triton_import_error()})"
         if setting == "triton":
             raise RuntimeError(f"perfml.{op}: the triton backend was requested but {reason}")
-        say_once(f"no-triton-{op}", f"perfml.{op}: {reason}; using the reference path")
-        return "reference"
+        say_once(f"no-triton-{op}", f"perfml.{op}: {reason}; using the aten path")
+        return "aten"
     if device.type != "cpu":
         if setting != "auto":
             raise RuntimeError(f"perfml.{op}: no {setting} path for {device.type} tensors")
-        return "reference"
+        return "aten"
     # CPU tensors.
     if setting == "triton" or (setting == "auto" and interpret_mode()):
         if not interpret_mode():
@@ -212,20 +218,20 @@ def select(op: str, device: torch.device, *, has_cpp: bool = False) -> str:
         reason = f"triton is not importable ({_triton_import_error()})"
         if setting == "triton":
             raise RuntimeError(f"perfml.{op}: the triton backend was requested but {reason}")
-        say_once(f"no-triton-{op}", f"perfml.{op}: {reason}; using the reference path")
-        return "reference"
+        say_once(f"no-triton-{op}", f"perfml.{op}: {reason}; using the aten path")
+        return "aten"
     if not has_cpp:
         if setting == "cpp":
             raise RuntimeError(
                 f"perfml.{op}: PERFML_BACKEND=cpp, but this op has no C++ CPU kernel; for it use "
-                "PERFML_BACKEND=auto (the default) or reference, or triton in interpret mode "
-                "(TRITON_INTERPRET=1)"
+                "PERFML_BACKEND=auto (the default), aten or reference, or triton in interpret "
+                "mode (TRITON_INTERPRET=1)"
             )
-        return "reference"
+        return "aten"
     if has_extension():
         return "cpp"
     reason = f"the extension perfml._C is not available ({extension_error()})"
     if setting == "cpp":
         raise RuntimeError(f"perfml.{op}: the cpp backend was requested but {reason}")
-    say_once("no-extension", f"perfml: {reason}; CPU ops use the reference path")
-    return "reference"
+    say_once("no-extension", f"perfml: {reason}; CPU ops use the aten path")
+    return "aten"
