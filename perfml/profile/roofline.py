@@ -5,13 +5,13 @@ Ceilings: perfml.bench.ceilings (device-to-device copy bandwidth; dense bf16 and
 rate), the numbers `perfml bench` reports against. On a CPU the same code measures the CPU's
 (a 32 MiB copy, a 512^3 matmul).
 
-Bytes of a perfml op call: the benchmark case's minimum-traffic formula (perfml/bench/cases/*:
+Bytes of a perfml op call: the benchmark case's minimum-traffic formula (perfml/bench/cost.py:
 each input read once, each output written once) at the call's recorded shapes and dtype; a
 backward kernel is charged the formula's fwd+bwd traffic minus its fwd traffic. Time: the op's
 device time (its kernels) on CUDA, its wall time on CPU. Achieved GB/s = bytes / time, shown
 against the copy ceiling (the bandwidth roof): memory-bound kernels live there. Matmuls
 (aten::mm/addmm/bmm/baddbmm, FLOPs counted by the profiler) and perfml's linear_cross_entropy
-(the bench case's FLOP formula: 2NHV per matmul, 3 matmuls when it computes gradients) are shown
+(the bench FLOP formula: 2NHV per matmul, 3 matmuls when it computes gradients) are shown
 in TFLOP/s against the matmul ceiling of their dtype (the compute roof).
 """
 
@@ -24,14 +24,16 @@ from typing import Any
 
 import torch
 
-from perfml.bench.cases.add_rms_norm import add_rms_norm_bytes
-from perfml.bench.cases.cross_entropy import cross_entropy_bytes
-from perfml.bench.cases.layer_norm import layer_norm_bytes
-from perfml.bench.cases.linear_cross_entropy import linear_cross_entropy_flops
-from perfml.bench.cases.rms_norm import rms_norm_bytes
-from perfml.bench.cases.rope import rope_bytes
-from perfml.bench.cases.softmax import softmax_bytes
-from perfml.bench.cases.swiglu import glu_bytes
+from perfml.bench.cost import (
+    add_rms_norm_bytes,
+    cross_entropy_bytes,
+    glu_bytes,
+    layer_norm_bytes,
+    linear_cross_entropy_flops,
+    rms_norm_bytes,
+    rope_bytes,
+    softmax_bytes,
+)
 
 # the profiler's names of input dtypes
 _DTYPES = {

@@ -5,7 +5,7 @@ import torch
 
 from perfml import _backend
 from perfml.bench import Case, Sizes, UnknownCaseError, all_cases, get_case, register
-from perfml.bench.cases.rms_norm import rms_norm_bytes
+from perfml.bench.cost import rms_norm_bytes
 from tests.bench.helpers import TINY, tiny_case
 
 CPU = torch.device("cpu")

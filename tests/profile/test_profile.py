@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from perfml import cli
-from perfml.bench.cases.cross_entropy import cross_entropy_bytes
-from perfml.bench.cases.linear_cross_entropy import linear_cross_entropy_flops
-from perfml.bench.cases.rms_norm import rms_norm_bytes
-from perfml.bench.cases.rope import rope_bytes
+from perfml.bench.cost import (
+    cross_entropy_bytes,
+    linear_cross_entropy_flops,
+    rms_norm_bytes,
+    rope_bytes,
+)
 from perfml.profile import analysis, nvml, profile_forward, report, roofline
 from perfml.profile.capture import StepProfiler
 

@@ -27,7 +27,6 @@ is to match it. AdamW8bit on CUDA: no slower than torch fused at 4x the paramete
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,33 +35,11 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml.bench.cost import adamw_bytes, gpt2_shapes
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.optim import AdamW, AdamW8bit, adamw_ref
 
 _HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
-
-
-@functools.cache
-def gpt2_shapes(layers: int = 12) -> list[tuple[int, ...]]:
-    """The parameter shapes of the gpt2-124m preset with `layers` blocks, in model order."""
-    from perfml.models.llama import Llama, LlamaConfig
-
-    with torch.device("meta"):
-        model = Llama(LlamaConfig.preset("gpt2-124m", num_layers=layers))
-    return [tuple(p.shape) for p in model.parameters()]
-
-
-def adamw_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    layers, copies = shape
-    numel = copies * sum(_numel(s) for s in gpt2_shapes(layers))
-    return 7 * dtype.itemsize * numel
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)

@@ -11,29 +11,18 @@ rms_norm anchor shape (bf16 16384x4096).
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import add_rms_norm_bytes
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.ops.add_rms_norm import add_rms_norm, add_rms_norm_ref
 from perfml.ops.rms_norm import rms_norm
 
 EPS = 1e-6
-
-
-def add_rms_norm_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """fwd reads x and residual [M, N] and w [N] and writes y and s [M, N]; the backward reads
-    dy, ds and s and w and writes one [M, N] gradient (d_x and d_residual are the same values)
-    and dw."""
-    m, n, size = math.prod(shape[:-1]), shape[-1], dtype.itemsize
-    fwd = (4 * m * n + n) * size
-    if mode == "fwd":
-        return fwd
-    return fwd + (4 * m * n + 2 * n) * size
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import cross_entropy_bytes
 from perfml.bench.registry import Case, Shape, Sizes, register
 from perfml.ops.cross_entropy import cross_entropy, cross_entropy_ref
 
@@ -42,13 +43,6 @@ class _UnitUpstream(torch.autograd.Function):
 
 def unit_upstream(loss: Tensor) -> Tensor:
     return _UnitUpstream.apply(loss)
-
-
-def cross_entropy_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """fwd reads the logits and the int64 targets; fwd+bwd also writes the gradient."""
-    n, v = shape
-    logits = n * v * dtype.itemsize
-    return logits + 8 * n if mode == "fwd" else 2 * logits + 8 * n
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from perfml import _backend
-from perfml.bench.cases.train_step import _StepAfterBackward, preset_for, train_step_flops
+from perfml.bench.cases.train_step import _StepAfterBackward
+from perfml.bench.cost import preset_for, train_step_flops
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.models.llama import LlamaConfig
 from perfml.patch import patch

@@ -8,28 +8,16 @@ far ATen, 2268 GB/s fwd and 1876 GB/s fwd+bwd; perfml's target is >= 3800 / 3600
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import layer_norm_bytes
 from perfml.bench.registry import Case, Shape, Sizes, register
 from perfml.ops.layer_norm import layer_norm, layer_norm_ref
 
 EPS = 1e-5
-
-
-def layer_norm_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """fwd reads x [M, N], w and b [N] and writes y [M, N]; the backward reads x, w and dy and
-    writes dx, dw and db (the saved fp32 mean and rstd are the kernel's choice, not minimum
-    traffic)."""
-    m, n, size = math.prod(shape[:-1]), shape[-1], dtype.itemsize
-    fwd = (2 * m * n + 2 * n) * size
-    if mode == "fwd":
-        return fwd
-    return fwd + (3 * m * n + 3 * n) * size
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:

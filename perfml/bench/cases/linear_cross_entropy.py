@@ -25,14 +25,9 @@ from torch import Tensor
 
 from perfml.bench import impls
 from perfml.bench.cases.cross_entropy import unit_upstream
+from perfml.bench.cost import linear_cross_entropy_flops
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-
-
-def linear_cross_entropy_flops(shape: Shape, mode: str) -> int:
-    n, h, v = shape
-    matmul = 2 * n * h * v
-    return matmul if mode == "fwd" else 3 * matmul
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:

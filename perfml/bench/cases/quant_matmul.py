@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import matmul_flops, weight_only_matmul_bytes
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.quant import kernels
 from perfml.quant.methods import quantize_int4_per_group, quantize_int8_per_channel
@@ -53,26 +54,6 @@ def _int8_ref(x: Tensor, w: Tensor, w_q: Tensor, scale: Tensor) -> Tensor:
 def _int4_ref(x: Tensor, w: Tensor, packed: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     deq = kernels.dequantize_int4_ref(packed, scale, zero, GROUP)[:, : x.shape[1]]
     return (x.float() @ deq.T).to(x.dtype)
-
-
-def _bytes(weight_bytes_per_elem: float, group: int | None):
-    """int8: one scale per row; int4: a scale (x.dtype) and a zero point (uint8) per group."""
-
-    def count(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-        m, n, k = shape
-        if group is None:
-            scales = n * dtype.itemsize
-        else:
-            scales = n * -(-k // group) * (dtype.itemsize + 1)
-        weight = int(n * k * weight_bytes_per_elem) + scales
-        return (m * k + m * n) * dtype.itemsize + weight
-
-    return count
-
-
-def _flops(shape: Shape, mode: str) -> int:
-    m, n, k = shape
-    return 2 * m * n * k
 
 
 def _bf16_matmul(x: Tensor, w: Tensor, *quantized: Tensor) -> Tensor:
@@ -126,8 +107,8 @@ for name, make_inputs, reference, dequant, perfml_fn, op, per_byte, tol in (
             sizes=_SIZES,
             make_inputs=make_inputs,
             reference=reference,
-            bytes=_bytes(per_byte, None if per_byte == 1.0 else GROUP),
-            flops=_flops,
+            bytes=weight_only_matmul_bytes(per_byte, None if per_byte == 1.0 else GROUP),
+            flops=matmul_flops,
             modes=("fwd",),
             tolerance={torch.bfloat16: tol, torch.float32: tol},
             impls=(

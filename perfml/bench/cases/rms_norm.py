@@ -7,27 +7,16 @@ fwd+bwd; perfml's target is 90% / 85% of the card's copy bandwidth.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import rms_norm_bytes
 from perfml.bench.registry import Case, Shape, Sizes, register
 from perfml.ops.rms_norm import rms_norm, rms_norm_ref
 
 EPS = 1e-6
-
-
-def rms_norm_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """fwd reads x [M, N] and w [N] and writes y [M, N]; the backward reads x, w and dy and
-    writes dx and dw (the saved fp32 rstd is the kernel's choice, not minimum traffic)."""
-    m, n, size = math.prod(shape[:-1]), shape[-1], dtype.itemsize
-    fwd = (2 * m * n + n) * size
-    if mode == "fwd":
-        return fwd
-    return fwd + (3 * m * n + 2 * n) * size
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -12,18 +12,10 @@ import torch
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import rope_bytes
 from perfml.bench.registry import Case, Shape, Sizes, register
 from perfml.nn.rope import RotaryEmbedding
 from perfml.ops.rope import rope, rope_ref
-
-
-def rope_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """fwd reads q and k and writes q_embed and k_embed, and reads cos and sin ([1, T, D]); the
-    backward reads dq_embed, dk_embed, cos and sin and writes dq and dk: the same traffic again."""
-    b, hq, hk, t, d = shape
-    size = dtype.itemsize
-    fwd = 2 * b * t * (hq + hk) * d * size + 2 * t * d * size
-    return fwd if mode == "fwd" else 2 * fwd
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:

@@ -8,20 +8,13 @@ one-tile kernel holds, so the sweep also covers rows that fit one tile (4096, 32
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import softmax_bytes
 from perfml.bench.registry import Case, Shape, Sizes, register
 from perfml.ops.softmax import softmax, softmax_ref
-
-
-def softmax_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """fwd reads x and writes y; the backward reads y and dy and writes dx."""
-    elems = math.prod(shape) * dtype.itemsize
-    return 2 * elems if mode == "fwd" else (2 + 3) * elems
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perfml import _backend
+from perfml.bench.cost import matmul_flops
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.sparsity import SemiStructured24Config, mask_2_4, prune
 
@@ -39,11 +40,6 @@ def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Ten
 
 def _reference(x: Tensor, w: Tensor) -> Tensor:
     return (x.float() @ w.float().T).to(x.dtype)
-
-
-def _flops(shape: Shape, mode: str) -> int:
-    m, n, k = shape
-    return 2 * m * n * k
 
 
 def _dense(x: Tensor, w: Tensor) -> Tensor:
@@ -94,7 +90,7 @@ register(
         ),
         make_inputs=_inputs,
         reference=_reference,
-        flops=_flops,
+        flops=matmul_flops,
         modes=("fwd",),
         cuda_dtypes=(torch.bfloat16,),
         impls=(

@@ -16,7 +16,6 @@ end of their measurement writes the snapshot back.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,15 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perfml.bench import impls
+from perfml.bench.cost import glu_bytes
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.ops.swiglu import geglu, geglu_ref, swiglu, swiglu_ref
-
-
-def glu_bytes(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """fwd reads gate and up and writes y; the backward reads gate, up and dy and writes dgate
-    and dup (the activation is recomputed, not stored)."""
-    elems = math.prod(shape) * dtype.itemsize
-    return 3 * elems if mode == "fwd" else (3 + 5) * elems
 
 
 def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -42,27 +42,12 @@ import torch
 from torch import Tensor
 
 from perfml import _backend
+from perfml.bench.cost import preset_for, train_step_flops
 from perfml.bench.registry import Case, Impl, Shape, Sizes, register
 from perfml.models.llama import Llama, LlamaConfig
 
-_PRESETS_BY_CONTEXT = ("tiny", "small", "llama-1b")  # ascending max_seq_len
 _LR = 1e-5  # small: the timed steps must not walk the weights into overflow
 _SEED = 0
-
-
-def preset_for(seq_len: int) -> str:
-    """The smallest preset whose max_seq_len is at least seq_len."""
-    for name in _PRESETS_BY_CONTEXT:
-        if LlamaConfig.preset(name).max_seq_len >= seq_len:
-            return name
-    raise ValueError(f"train_step: no preset takes sequences of {seq_len} tokens")
-
-
-def train_step_flops(shape: Shape, mode: str) -> int:
-    b, t = shape
-    with torch.device("meta"):
-        model = Llama(LlamaConfig.preset(preset_for(t)))
-    return model.flops_per_token(t) * b * t
 
 
 @dataclass(frozen=True)
