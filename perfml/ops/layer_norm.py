@@ -89,6 +89,19 @@ def _layer_norm_bwd_ref(
     return dx, dw, db
 
 
+def _layer_norm_aten(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """The CPU path without a C++ kernel: F.layer_norm in fp32, autograd by ATen. bf16/fp16 x
+    are upcast first and the output rounded once: ATen's own reduced-precision CPU kernel
+    reduces dweight / dbias with errors several times the tolerance. Parameters go in as fp32
+    (an exact upcast); the casts' backwards return each gradient in its own dtype."""
+
+    def f32(p: Tensor | None) -> Tensor | None:
+        return p if p is None or p.dtype == torch.float32 else p.float()
+
+    y = torch.nn.functional.layer_norm(f32(x), (x.shape[-1],), f32(weight), f32(bias), eps)
+    return y.to(x.dtype)
+
+
 # --- 2. Triton kernels -----------------------------------------------------------------------
 
 if _backend.has_triton():
@@ -455,6 +468,8 @@ def layer_norm(
     _check(x, weight, bias)
     if x.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         return layer_norm_ref(x, weight, bias, eps)
+    if _backend.select("layer_norm", x.device) == "aten":
+        return _layer_norm_aten(x, weight, bias, eps)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     return torch.ops.perfml.layer_norm_fwd(x, weight, bias, float(eps))[0]

@@ -371,3 +371,38 @@ def test_backward_without_weight_and_bias(backend):
     x64 = x.detach().double().requires_grad_()
     layer_norm_ref(x64).backward(dy.double())
     assert_matches_reference(x.grad, x64.grad, name="dx")
+
+
+# --- the aten path (CPU without a C++ kernel) --------------------------------------------------
+
+
+def _autograd_names(t):
+    """The class names of every node of t's autograd graph: which ops ran."""
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "dtype,param_dtype,layout",
+    [
+        (torch.float32, torch.float32, "contiguous"),
+        (torch.bfloat16, torch.bfloat16, "strided"),
+        (torch.bfloat16, torch.float32, "transposed"),  # fp32 parameters of bf16 x
+        (torch.float16, torch.float16, "row-padded"),
+    ],
+)
+def test_aten_path_matches_float64_reference(dtype, param_dtype, layout):
+    x = _make_x((37, 96), dtype, layout)
+    w, b = _params(96, param_dtype, True, True)
+    with _backend.force("aten"):
+        y = layer_norm(x.detach().requires_grad_(), w, b)
+        assert "NativeLayerNormBackward0" in _autograd_names(y)
+        _check_against_reference(x, w, b, torch.randn(37, 96, device=DEVICE, dtype=torch.float64))
+        x1 = x.detach().requires_grad_()
+        layer_norm(x1).sum().backward()  # no weight, no bias
+        assert x1.grad.dtype == dtype
