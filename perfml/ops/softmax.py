@@ -341,6 +341,10 @@ def softmax(x: Tensor, dim: int = -1, *, dtype: torch.dtype | None = None) -> Te
     _check(x, dim)
     if x.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         return softmax_ref(x, dim)
+    if _backend.select("softmax", x.device) == "aten":
+        # ATen's softmax: fp32 math for bf16/fp16 (one rounding), any dim without a copy, and
+        # its backward is the same y * (dy - sum(dy * y)) as the kernels'
+        return torch.softmax(x, dim)
     if x.dim() == 0:
         return torch.ops.perfml.softmax_fwd(x.reshape(1)).reshape(())
     dim = dim % x.dim()

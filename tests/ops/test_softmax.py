@@ -149,7 +149,7 @@ def test_float64_input_uses_the_exact_reference():
 
 
 def test_reference_backend_forward_and_backward():
-    # The path CPU tensors take outside interpret mode.
+    # The reference path, when asked for.
     x = torch.randn(5, 200, device=DEVICE) * 3
     dy = torch.randn(5, 200, device=DEVICE)
     with _backend.force("reference"):
@@ -254,3 +254,30 @@ def test_dtype_keyword_like_torch(dtype):
     assert x.grad is not None and x.grad.dtype == torch.float16
     with pytest.raises(TypeError, match="dtype must be None or one of"):
         softmax(x, 1, dtype=torch.int32)
+
+
+def _autograd_names(t):
+    """The class names of every node of t's autograd graph: which ops ran."""
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "dtype,layout,dim",
+    [
+        (torch.float32, "contiguous", -1),
+        (torch.bfloat16, "transposed", -1),
+        (torch.float32, "strided", 0),
+    ],
+)
+def test_aten_path_matches_float64_reference(dtype, layout, dim):
+    # the CPU path without a C++ kernel
+    x = _make_x((37, 96), dtype, layout)
+    with _backend.force("aten"):
+        assert "SoftmaxBackward0" in _autograd_names(softmax(x.requires_grad_(), dim))
+        _check(x, dim)
