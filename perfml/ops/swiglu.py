@@ -77,6 +77,14 @@ def _glu_bwd_ref(dy: Tensor, gate: Tensor, up: Tensor, activation: int) -> tuple
     return dgate.to(gate.dtype), dup.to(up.dtype)
 
 
+def _glu_aten(gate: Tensor, up: Tensor, activation: int) -> Tensor:
+    """The CPU path without a C++ kernel: eager's composite, autograd by ATen (it saves the
+    activation instead of recomputing it). bf16/fp16 gate is upcast so that the product is fp32
+    (up is promoted inside the multiply) and the result is rounded once, as the kernels do."""
+    g = gate.float() if gate.dtype != torch.float32 else gate
+    return (_activation_ref(g, activation) * up).to(gate.dtype)
+
+
 # --- 2. Triton kernels -----------------------------------------------------------------------
 
 if _backend.has_triton():
@@ -396,6 +404,10 @@ def _check(op: str, gate: Tensor, up: Tensor) -> None:
 def _glu(gate: Tensor, up: Tensor, activation: int, inplace_backward: bool) -> Tensor:
     if gate.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         return _glu_ref(gate, up, activation)
+    # inplace_backward keeps the custom op on every path: its promise is the memory (no saved
+    # activation, gradients written over gate and up), which ATen's autograd cannot keep
+    if not inplace_backward and _backend.select("swiglu", gate.device) == "aten":
+        return _glu_aten(gate, up, activation)
     return torch.ops.perfml.glu_fwd(gate, up, activation, inplace_backward)
 
 

@@ -352,3 +352,39 @@ def test_more_than_2_to_the_31_elements(layout):
         ("y", "dgate", "dup"), (y[tail], dg[tail], du[tail]), want, base, strict=True
     ):
         assert_matches_reference(g, r, b, name=name)
+
+
+def _autograd_names(t):
+    """The class names of every node of t's autograd graph: which ops ran."""
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "op,dtype,layout",
+    [
+        ("swiglu", torch.float32, "contiguous"),
+        ("swiglu", torch.bfloat16, "chunked"),
+        ("geglu-tanh", torch.float32, "transposed"),
+        ("geglu-none", torch.bfloat16, "strided"),
+    ],
+)
+def test_aten_path_matches_float64_reference(op, dtype, layout):
+    # the CPU path without a C++ kernel: ATen ops and ATen's autograd
+    fused, ref, plain = OPS[op]
+    gate, up = _pair((5, 130), dtype, layout)
+    dy = torch.randn(5, 130, device=DEVICE).to(dtype)
+    with _backend.force("aten"):
+        names = _autograd_names(fused(gate.detach().requires_grad_(), up))
+        assert ("SiluBackward0" if op == "swiglu" else "GeluBackward0") in names
+        got = _grads(fused, gate, up, dy)
+    want = _grads(ref, gate.double(), up.double(), dy.double())
+    base = _grads(plain, gate, up, dy)
+    for name, g, r, b in zip(("y", "dgate", "dup"), got, want, base, strict=True):
+        assert g.dtype == dtype, name
+        assert_matches_reference(g, r, b, name=name)
