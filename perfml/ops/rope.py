@@ -106,6 +106,23 @@ def rope_ref(
     return _rope_apply_ref(q, k, cos, sin, position_ids, unsqueeze_dim, transpose=False)
 
 
+def _rope_aten(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    position_ids: Tensor | None,
+    unsqueeze_dim: int,
+) -> tuple[Tensor, Tensor]:
+    """The CPU path without a C++ kernel: HF's rotate-half formula (cat / mul) in fp32, autograd
+    by ATen (rope() refuses cos / sin that require grad, as on the other paths)."""
+    if position_ids is not None:
+        _check_positions(position_ids, cos.shape[-2])
+    c = _per_token_ref(cos, position_ids, unsqueeze_dim, torch.float32)
+    s = _per_token_ref(sin, position_ids, unsqueeze_dim, torch.float32)
+    return _rotate_ref(q, c, s, transpose=False), _rotate_ref(k, c, s, transpose=False)
+
+
 # --- 2. Triton kernels -----------------------------------------------------------------------
 
 if _backend.has_triton():
@@ -571,4 +588,6 @@ def rope(
     _check(q, k, cos, sin, position_ids, unsqueeze_dim)
     if q.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         return rope_ref(q, k, cos, sin, position_ids, unsqueeze_dim)
+    if _backend.select("rope", q.device) == "aten":
+        return _rope_aten(q, k, cos, sin, position_ids, unsqueeze_dim)
     return torch.ops.perfml.rope_fwd(q, k, cos, sin, position_ids, unsqueeze_dim)

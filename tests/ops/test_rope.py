@@ -429,3 +429,38 @@ def test_more_than_2_to_the_31_elements():
     base = _run_and_grad(rope_ref, *inputs)
     for name, g, r, b in zip(("q_embed", "k_embed", "dq", "dk"), got, want, base, strict=True):
         assert_matches_reference(g, r, b, name=f"{name} past element 2**31")
+
+
+def _autograd_names(t):
+    """The class names of every node of t's autograd graph: which ops ran."""
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "dtype,dims,layout,positions",
+    [
+        (torch.float32, (2, 4, 2, 7, 16, 16, 1), "hf", False),
+        (torch.bfloat16, (3, 5, 5, 4, 80, 48, 3), "fused-qkv", False),  # partial rotary
+        (torch.float32, (2, 4, 1, 9, 32, 32, 1), "bthd", True),
+    ],
+)
+def test_aten_path_matches_float64_reference(dtype, dims, layout, positions):
+    # the CPU path without a C++ kernel: HF's formula with ATen's autograd
+    b, hq, hk, t, d, r, cos_batch = dims
+    q, k, unsqueeze_dim = _make_qk(b, hq, hk, t, d, dtype, layout)
+    kw = {"unsqueeze_dim": unsqueeze_dim}
+    if positions:
+        cos, sin = _make_cos_sin(1, 3 * t, r)
+        kw["position_ids"] = torch.randint(0, 3 * t, (b, t), device=DEVICE)
+    else:
+        cos, sin = _make_cos_sin(cos_batch, t, r)
+    with _backend.force("aten"):
+        q_embed, k_embed = rope(q.detach().requires_grad_(), k, cos, sin, **kw)
+        assert "CatBackward0" in _autograd_names(q_embed) and not k_embed.requires_grad
+        _check_against_reference(q, k, cos, sin, **kw)
