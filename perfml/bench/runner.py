@@ -11,10 +11,10 @@ stopping the run; an impl that cannot run on the device gets a row with `skipped
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import torch
 from torch import Tensor
@@ -208,8 +208,24 @@ def _blank(case: Case, shape: Shape, dtype: torch.dtype, mode: str, impl: str) -
     }
 
 
-def measure(problem: Problem, impl: Impl, timer: Timer) -> dict[str, Any]:
-    """One impl on one problem: the row's measured fields (derived ones are filled by run)."""
+class GroupHook(Protocol):
+    """Called by run after each (case, shape, dtype, mode) is measured, while its inputs and the
+    prepared steps of the impls named in `keep` (those that ran without error) are still alive,
+    so a second measurement reuses them instead of building them again (perfml.bench.gate).
+    `problem` is None when making the inputs failed."""
+
+    keep: Collection[str]
+
+    def __call__(
+        self, problem: Problem | None, prepared: dict[str, Prepared], rows: list[dict[str, Any]]
+    ) -> None: ...
+
+
+def measure(
+    problem: Problem, impl: Impl, timer: Timer, keep: dict[str, Prepared] | None = None
+) -> dict[str, Any]:
+    """One impl on one problem: the row's measured fields (derived ones are filled by run).
+    When `keep` is given, the prepared step is stored there under the impl's name."""
     row = _blank(problem.case, problem.shape, problem.dtype, problem.mode, impl.name)
     try:
         with impl.context():
@@ -220,6 +236,8 @@ def measure(problem: Problem, impl: Impl, timer: Timer) -> dict[str, Any]:
             timing = timer.time(prepared.step, prepared.leaves)
             row["ms"], row["ms_min"], row["reps"] = timing.ms, timing.ms_min, timing.reps
             row["peak_mib"] = timer.peak_mib(prepared.step, prepared.leaves)
+            if keep is not None:
+                keep[impl.name] = prepared
     except Exception as exc:  # one broken impl must not stop the run
         row["error"] = _error_text(exc)
     return row
@@ -296,10 +314,11 @@ def run(
     config: RunConfig,
     out: str | Path | None = None,
     progress: TextIO | None = None,
+    on_group: GroupHook | None = None,
 ) -> list[dict[str, Any]]:
     """Measure `cases`; return the rows and, when `out` is given, append them to that JSONL file
     as each (case, dtype, shape, mode) finishes (a crash keeps what was measured). Progress lines
-    go to `progress` (the CLI passes stderr)."""
+    go to `progress` (the CLI passes stderr); `on_group` is called after each group."""
     validate(cases, config)
 
     def say(message: str) -> None:
@@ -340,13 +359,15 @@ def run(
         except Exception as exc:  # e.g. a --shapes override of the wrong rank for this case
             problem, setup_error = None, _error_text(exc)
         group = []
+        prepared: dict[str, Prepared] = {}
         for impl in impls:
             done += 1
             if problem is None:
                 row = _blank(case, shape, dtype, mode, impl.name)
                 row["error"] = f"making the inputs failed: {setup_error}"
             else:
-                row = measure(problem, impl, timer)
+                wanted = on_group is not None and impl.name in on_group.keep
+                row = measure(problem, impl, timer, prepared if wanted else None)
             result = row["error"] or f"{row['ms']:.4g} ms" + (
                 "  MISMATCH" if row["mismatch"] else ""
             )
@@ -356,7 +377,6 @@ def run(
             row = _blank(case, shape, dtype, mode, name)
             row["skipped"] = reason
             group.append(row)
-        del problem  # free this group's inputs before the next group allocates its own
         full = [{**meta, **row} for row in group]
         for row in full:
             _derive(row, dtype, nbytes, flops, tokens)
@@ -364,5 +384,8 @@ def run(
         if out is not None:
             with open(out, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in full)
+        if on_group is not None:
+            on_group(problem, prepared, full)
+        del problem, prepared  # free this group's inputs before the next group allocates its own
         rows.extend(full)
     return rows
