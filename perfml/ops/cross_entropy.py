@@ -44,6 +44,7 @@ probability targets are not supported.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from perfml import _backend
@@ -106,6 +107,37 @@ def cross_entropy_ref(
     if z_loss:
         loss = loss + z_loss * lse.square()
     loss = torch.where(valid, loss, 0.0)
+    return _reduce(loss, valid.sum(), reduction, target.shape, logits.dtype)
+
+
+def _cross_entropy_aten(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> Tensor:
+    """The CPU path without a C++ kernel: F.cross_entropy in fp32 (bf16/fp16 logits upcast: in
+    their own dtype ATen rounds the log-probabilities, and its gradient is several ulps off),
+    softcap and z_loss as extra ATen ops, autograd by ATen."""
+    v = logits.shape[-1]
+    x = logits.reshape(-1, v)
+    x = x if x.dtype == torch.float32 else x.float()
+    x = _softcap_ref(x, softcap)
+    t = target.reshape(-1).long()
+    check_targets(t, v, ignore_index, "cross_entropy")
+    if not z_loss:
+        loss = F.cross_entropy(
+            x, t, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+        return (loss.reshape(target.shape) if reduction == "none" else loss).to(logits.dtype)
+    valid = t != ignore_index
+    loss = F.cross_entropy(
+        x, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    loss = loss + torch.where(valid, z_loss * torch.logsumexp(x, dim=-1).square(), 0.0)
     return _reduce(loss, valid.sum(), reduction, target.shape, logits.dtype)
 
 
@@ -769,6 +801,8 @@ def cross_entropy(
                 "written over them); call .contiguous() or use inplace_backward=False"
             )
         return _CrossEntropyInplace.apply(logits, target, *opts, softcap)
+    if _backend.select("cross_entropy", logits.device) == "aten":
+        return _cross_entropy_aten(logits, target, *opts, softcap)
     # "none" computes its gradient in the backward, where each row's upstream gradient is known
     precompute = compute_grad and reduction != "none"
     return torch.ops.perfml.cross_entropy_fwd(logits, target, *opts, softcap, precompute)[0]

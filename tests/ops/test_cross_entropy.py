@@ -581,3 +581,42 @@ def test_strided_target(layout, reduction, dtype, poison_empty):
     dense = _run(cross_entropy, logits, target.contiguous(), dy, reduction=reduction)
     torch.testing.assert_close(got[0], dense[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], dense[1], rtol=0, atol=0)
+
+
+def _autograd_names(t):
+    """The class names of every node of t's autograd graph: which ops ran."""
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    "dtype,option,reduction",
+    [
+        (torch.float32, "plain", "mean"),
+        (torch.float32, "all", "none"),
+        (torch.bfloat16, "smoothing", "sum"),
+        (torch.bfloat16, "all", "mean"),
+    ],
+)
+def test_aten_path_matches_float64_reference(dtype, option, reduction):
+    # the CPU path without a C++ kernel: F.cross_entropy with ATen's autograd
+    logits, target = _inputs((6, 1025), dtype, ignore=(1, 4))
+    dy = _upstream(() if reduction != "none" else (6,), dtype)
+    with _backend.force("aten"):
+        loss = cross_entropy(logits.detach().requires_grad_(), target, **OPTIONS[option])
+        assert "LogSoftmaxBackward0" in _autograd_names(loss)
+        _check_against_reference(logits, target, dy, reduction=reduction, **OPTIONS[option])
+        wide = torch.randn(1025, 6, device=DEVICE).to(dtype).t()  # non-contiguous
+        _check_against_reference(wide, target.int(), _unit(), label_smoothing=0.1)
+        for t in (target.new_full((6,), -100), torch.zeros(0, dtype=torch.long, device=DEVICE)):
+            x = logits[: t.numel()].detach().requires_grad_()
+            assert torch.isnan(cross_entropy(x, t))  # a mean of nothing, as F.cross_entropy
+            cross_entropy(x, t, reduction="sum").backward()
+            assert torch.equal(x.grad, torch.zeros_like(x))
+        with pytest.raises(ValueError, match="out of range"):
+            cross_entropy(logits, torch.full((6,), 1025, device=DEVICE))
