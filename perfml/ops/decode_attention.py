@@ -4,9 +4,11 @@
 
 for query head h of Hq = G * Hkv heads (grouped-query attention: query head h reads kv head
 h // G), after k and v (the new token's key and value) are written into slot `position` of
-k_cache and v_cache. `position` is a 0-dim int64 tensor on the device, the same slot for the
-whole batch, so a decode step is the same launches on the same buffers at every position and a
-CUDA graph can replay it (no host synchronization anywhere). Math in fp32 whatever the dtype.
+k_cache and v_cache. `position` is an int64 tensor on the device: 0-dim, the same slot for the
+whole batch, or 1-D [B], one slot per batch row (continuous batching: every sequence of the batch
+is at its own length, and row b attends over its slots 0..position[b]). Either way a decode step
+is the same launches on the same buffers at every position and a CUDA graph can replay it (no
+host synchronization anywhere). Math in fp32 whatever the dtype.
 
 This replaces, per layer and step, an index_copy_ of k and v into the cache followed by
 F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=slots <= position,
@@ -26,7 +28,8 @@ NaN contents cannot reach the result) and never written.
 
 Splits: the cached slots 0..position-1 are divided, on the device, into `splits` equal chunks of
 whole BLOCK_L tiles, so all splits share the work at every position (a split with no slots left
-writes an empty partial). `splits` is fixed per shape on the host from L and the program count:
+writes an empty partial). With per-row positions each program loads its own row's position, so
+the chunks are per row; the split count itself depends on L only, never on a position. `splits` is fixed per shape on the host from L and the program count:
 enough programs for about two per SM (132 SMs assumed off CUDA), never more splits than BLOCK_L
 tiles in L, at most _MAX_SPLITS. With one split the kernel writes the output directly (one
 launch); with several, each writes fp32 partials (max, sum, unnormalized accumulator) and a second
@@ -36,10 +39,11 @@ Precision: scores are fp32 (16-bit q . k products are exact in fp32); as in flas
 probabilities are rounded to the input dtype for the tensor-core P.V product of bf16/fp16 inputs
 (fp32 inputs keep fp32 everywhere, tl.dot in IEEE mode).
 
-Position range: a CPU position outside [0, L) raises IndexError (checked on the host: free on
+Position range: a CPU position (any row's) outside [0, L) raises IndexError (checked on the host: free on
 the CPU). On CUDA there is no host check (it would synchronize) and no extra device-assert kernels
 in the decode step: the kernel itself checks the position it loads, and an out-of-range one makes
-every output value NaN and leaves both caches untouched (never an out-of-bounds access). The
+every output value of that row NaN and leaves its caches untouched (never an out-of-bounds
+access). The
 decoder that owns the cache keeps the position in range on the host. (The reference path,
 PERFML_BACKEND=reference, writes with index_copy_, whose own device assert fires instead.)
 
@@ -88,23 +92,30 @@ def decode_attention_ref(
     scale: float | None = None,
 ) -> Tensor:
     """Plain PyTorch, the definition of correct: writes k, v into slot `position` of the caches
-    (index_copy_), then attends q over slots 0..position in fp32 (fp64 for fp64 inputs) and
-    returns [B, Hq, 1, D] in q's dtype. Slots after `position` are masked out before any
-    arithmetic, so their contents (NaN included) never reach the result. No host sync."""
+    (index_copy_; per row with a [B] position), then attends q over slots 0..position in fp32
+    (fp64 for fp64 inputs) and returns [B, Hq, 1, D] in q's dtype. Slots after `position` are
+    masked out before any arithmetic, so their contents (NaN included) never reach the result.
+    No host sync."""
     b, hq, _, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     if scale is None:
         scale = d**-0.5
-    index = position.reshape(1)
-    k_cache.index_copy_(2, index, k)
-    v_cache.index_copy_(2, index, v)
+    if position.dim() == 0:
+        index = position.reshape(1)
+        k_cache.index_copy_(2, index, k)
+        v_cache.index_copy_(2, index, v)
+    else:  # row r's token goes to slot position[r] of row r
+        rows = torch.arange(b, device=position.device)
+        k_cache[rows, :, position] = k[:, :, 0]
+        v_cache[rows, :, position] = v[:, :, 0]
     compute = torch.promote_types(q.dtype, torch.float32)
-    seen = torch.arange(length, device=position.device) <= position  # [L]
-    keys = torch.where(seen[:, None], k_cache.to(compute), 0.0)
-    values = torch.where(seen[:, None], v_cache.to(compute), 0.0)
+    slots = torch.arange(length, device=position.device)
+    seen = (slots <= position.reshape(-1, 1))[:, None, :]  # [B or 1, 1, L]
+    keys = torch.where(seen[..., None], k_cache.to(compute), 0.0)
+    values = torch.where(seen[..., None], v_cache.to(compute), 0.0)
     qg = q.to(compute).reshape(b, hkv, hq // hkv, d)  # query head h = kv head h // G
     scores = torch.einsum("bhgd,bhld->bhgl", qg, keys) * scale
-    scores = scores.masked_fill(~seen, float("-inf"))
+    scores = scores.masked_fill(~seen[:, :, None, :], float("-inf"))
     out = torch.einsum("bhgl,bhld->bhgd", torch.softmax(scores, dim=-1), values)
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
@@ -133,7 +144,7 @@ if _backend.has_triton():
         V,  # [B, Hkv, 1, D]: its value
         KC,  # [B, Hkv, L, D] key cache, slot POS written here
         VC,  # [B, Hkv, L, D] value cache
-        POS,  # 0-dim int64: the new token's slot
+        POS,  # int64, 0-dim or [B]: the new token's slot (row b's at POS + b * stride_pb)
         OUT,  # [B, Hq, 1, D] (used when SPLITS == 1)
         MID_ACC,  # [B * Hq, SPLITS, HEAD_DIM] fp32 partials (used when SPLITS > 1)
         MID_M,  # [B * Hq, SPLITS] fp32 running max (base 2)
@@ -142,6 +153,7 @@ if _backend.has_triton():
         L,
         HQ,
         HKV,
+        stride_pb,  # 0 for one position shared by the batch
         stride_qb,
         stride_qh,
         stride_qd,
@@ -185,7 +197,7 @@ if _backend.has_triton():
         d_mask = d < HEAD_DIM
         qd_mask = g_mask[:, None] & d_mask[None, :]
 
-        pos = tl.load(POS)
+        pos = tl.load(POS + b * stride_pb)
         valid = (pos >= 0) & (pos < L)
         n = tl.where(valid, pos, 0)  # cached slots 0..n-1 are read; none when out of range
         # this split's share of the cached slots: equal chunks of whole tiles
@@ -364,7 +376,7 @@ def _decode_attention_triton(
         mid_acc = mid_m = mid_l = out  # never touched
     _decode_attention_fwd_kernel[(programs, splits)](
         q, k, v, k_cache, v_cache, position, out, mid_acc, mid_m, mid_l,
-        scale * _LOG2E, length, hq, hkv,
+        scale * _LOG2E, length, hq, hkv, position.stride(0) if position.dim() else 0,
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(3),
         v.stride(0), v.stride(1), v.stride(3),
@@ -399,12 +411,13 @@ def _check_on_host(k_cache: Tensor, v_cache: Tensor, position: Tensor) -> None:
         raise ValueError("decode_attention: k_cache and v_cache must be separate tensors")
     length = k_cache.shape[2]
     if position.device.type == "cpu":
-        value = int(position)
-        if not 0 <= value < length:
-            raise IndexError(
-                f"decode_attention: position {value} is out of range for a cache of {length} "
-                f"slots (valid: 0..{length - 1})"
-            )
+        for row, value in enumerate(position.reshape(-1).tolist()):
+            if not 0 <= value < length:
+                which = f"position[{row}]" if position.dim() else "position"
+                raise IndexError(
+                    f"decode_attention: {which} {value} is out of range for a cache of {length} "
+                    f"slots (valid: 0..{length - 1})"
+                )
 
 
 @torch.library.custom_op("perfml::decode_attention", mutates_args=("k_cache", "v_cache"))
@@ -465,12 +478,18 @@ def _check(
     for name, t in (*named[1:], ("position", position)):
         if t.device != q.device:
             raise ValueError(f"decode_attention: q is on {q.device} but {name} is on {t.device}")
-    if position.dtype != torch.int64 or position.dim() != 0:
+    b, hq, t, d = q.shape
+    if position.dtype != torch.int64 or position.dim() > 1:
         raise TypeError(
             "decode_attention: position must be a 0-dim int64 tensor (one slot for the whole "
-            f"batch), got {position.dtype} of shape {tuple(position.shape)}"
+            "batch) or a 1-D one of B entries (one slot per row), got "
+            f"{position.dtype} of shape {tuple(position.shape)}"
         )
-    b, hq, t, d = q.shape
+    if position.dim() == 1 and position.shape[0] != b:
+        raise ValueError(
+            f"decode_attention: a per-row position must have B={b} entries (q's batch), got "
+            f"{position.shape[0]}"
+        )
     if t != 1:
         raise ValueError(f"decode_attention: q must hold one token ([B, Hq, 1, D]), got T={t}")
     if not 1 <= d <= MAX_HEAD_DIM:
@@ -522,11 +541,14 @@ def decode_attention(
 
     q [B, Hq, 1, D]; k, v [B, Hkv, 1, D] (the new token's key, already rotated, and value);
     k_cache, v_cache [B, Hkv, L, D], written in place: k, v go into slot `position`, no other
-    slot changes; position: 0-dim int64 tensor on q's device, in [0, L). Hq must be a multiple
+    slot changes; position: int64 tensor on q's device, in [0, L): 0-dim (the same slot for
+    every row) or [B] (row b writes slot position[b] and attends over its slots 0..position[b];
+    the other rows' positions never touch it). Hq must be a multiple
     of Hkv (query head h uses kv head h // (Hq // Hkv)); D <= 256; fp32, bf16 or fp16, all of
     one dtype. Returns softmax(scale * q . K[0..position]^T) . V[0..position], [B, Hq, 1, D]
     contiguous in q's dtype; scale defaults to D ** -0.5. An out-of-range position raises on
-    the CPU and gives a NaN output (caches untouched) on CUDA, where it is never checked on the
+    the CPU and gives a NaN output for its rows (their caches untouched) on CUDA, where it is
+    never checked on the
     host (no sync: the step stays CUDA-graph capturable).
     """
     _check(q, k, v, k_cache, v_cache, position, scale)

@@ -207,6 +207,121 @@ def test_float64_uses_the_exact_reference():
     assert torch.equal(_bits(k_cache), _bits(expect_k))
 
 
+# --- per-row positions (continuous batching) -------------------------------------------------
+
+
+def _row_inputs(hq, hkv, d, length, positions, dtype, layout="proj"):
+    """_inputs with one position per row: row r's slots from positions[r] on are NaN."""
+    b = len(positions)
+    q, k, v, k_cache, v_cache, _ = _inputs(b, hq, hkv, d, length, length, dtype, layout)
+    for row, p in enumerate(positions):
+        k_cache[row, :, p:] = float("nan")
+        v_cache[row, :, p:] = float("nan")
+    return q, k, v, k_cache, v_cache, torch.tensor(positions, device=DEVICE)
+
+
+def _check_rows(q, k, v, k_cache, v_cache, pos, scale=None):
+    """The per-row call against float64, row by row against the plain-PyTorch baseline, and the
+    caches bit for bit (each row's own slot written, every other slot kept)."""
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    bases = []
+    for row, p in enumerate(pos.tolist()):
+        expect_k[row, :, p] = k[row, :, 0]
+        expect_v[row, :, p] = v[row, :, 0]
+        one = (t[row : row + 1] for t in (q, k, v, k_cache, v_cache))
+        bases.append(_baseline(*one, p, scale))
+    ref = decode_attention_ref(
+        q.double(), k.double(), v.double(), k_cache.double(), v_cache.double(), pos, scale
+    )
+    out = decode_attention(q, k, v, k_cache, v_cache, pos, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert_matches_reference(out, ref, torch.cat(bases))
+    assert torch.equal(_bits(k_cache), _bits(expect_k)), "k_cache: wrong slot written or bits lost"
+    assert torch.equal(_bits(v_cache), _bits(expect_v)), "v_cache: wrong slot written or bits lost"
+    return out, ref
+
+
+# (Hq, Hkv, D, L, positions per row, layout): 0 and L - 1 among them, GQA 1, 2, 4
+ROW_CASES = [
+    (4, 2, 16, 37, (0, 36, 17), "proj"),
+    (4, 4, 64, 37, (36, 0), "contiguous"),
+    (8, 2, 80, 37, (5, 0, 36, 20), "fused"),
+    (4, 1, 16, 64, (63, 1, 0), "strided-d"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ROW_CASES, ids=str)
+@pytest.mark.parametrize("splits", [None, 1, 3], ids=["default-plan", "1-split", "3-splits"])
+def test_per_row_positions_match_float64_reference(case, dtype, splits, plan, poison_empty):
+    hq, hkv, d, length, positions, layout = case
+    if splits is not None:
+        plan(splits=splits)
+    _check_rows(*_row_inputs(hq, hkv, d, length, list(positions), dtype, layout))
+
+
+def test_per_row_positions_equal_one_row_at_a_time(plan):
+    # each row of a per-row call is what that row alone gives with a 0-dim position
+    plan(splits=2)
+    q, k, v, k_cache, v_cache, pos = _row_inputs(4, 2, 16, 37, [30, 0, 11], torch.float32)
+    alone = []
+    for row, p in enumerate(pos.tolist()):
+        one = [t[row : row + 1].clone() for t in (q, k, v, k_cache, v_cache)]
+        alone.append(decode_attention(*one, torch.tensor(p, device=DEVICE)))
+    out = decode_attention(q, k, v, k_cache, v_cache, pos)
+    torch.testing.assert_close(out, torch.cat(alone), atol=1e-6, rtol=1e-5)
+
+
+def test_per_row_reference_backend_agrees(poison_empty):
+    inputs = _row_inputs(4, 2, 16, 37, [3, 36, 0], torch.float32)
+    copies = [t.clone() for t in inputs]
+    out = decode_attention(*inputs)
+    with _backend.force("reference"):
+        ref = decode_attention(*copies)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_bits(inputs[3]), _bits(copies[3]))
+    assert torch.equal(_bits(inputs[4]), _bits(copies[4]))
+
+
+def test_per_row_float64_uses_the_exact_reference():
+    q, k, v, k_cache, v_cache, pos = _row_inputs(4, 2, 16, 37, [9, 0], torch.float64)
+    out = decode_attention(q, k, v, k_cache, v_cache, pos)
+    want = torch.cat([_baseline(q[r : r + 1], k[r : r + 1], v[r : r + 1], k_cache[r : r + 1],
+                                v_cache[r : r + 1], p) for r, p in enumerate((9, 0))])  # fmt: skip
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("position", [-1, 37])
+def test_out_of_range_row_position_raises_on_cpu(position):
+    inputs = [t.cpu() for t in _inputs(2, 4, 2, 16, 37, 5, torch.float32)[:5]]
+    with pytest.raises(IndexError, match=r"position\[1\] .* out of range for a cache of 37"):
+        decode_attention(*inputs, torch.tensor([3, position]))
+
+
+@pytest.mark.skipif(not _backend.has_triton(), reason="needs triton")
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_guard_per_row(splits, plan):
+    # one row out of range: that row's output is NaN and its caches untouched; the other is right
+    plan(splits=splits)
+    q, k, v, k_cache, v_cache, _ = _inputs(2, 4, 2, 16, 37, 37, torch.float32)
+    pos = torch.tensor([40, 12], device=DEVICE)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = mod._decode_attention_triton(q, k, v, k_cache, v_cache, pos, 16**-0.5)
+    assert out[0].isnan().all()
+    assert torch.equal(_bits(k_cache[0]), _bits(kc[0])) and torch.equal(
+        _bits(v_cache[0]), _bits(vc[0])
+    )
+    good = decode_attention_ref(*(t[1:].double() for t in (q, k, v, kc, vc)), pos[1:])
+    assert_matches_reference(out[1:], good)
+
+
+def test_per_row_opcheck():
+    args = list(_row_inputs(4, 2, 16, 37, [11, 0], torch.float32))
+    for t in args[3:5]:
+        t.nan_to_num_()
+    torch.library.opcheck(torch.ops.perfml.decode_attention.default, (*args, 0.25))
+
+
 # --- the split plan ---------------------------------------------------------------------------
 
 
@@ -280,7 +395,8 @@ def _swap(i, fn):
         (_swap(2, lambda v: v.to("meta")), ValueError, "q is on .* but v is on meta"),
         (_swap(5, lambda p: p.to("meta")), ValueError, "q is on .* but position is on meta"),
         (_swap(5, lambda p: p.int()), TypeError, "position must be a 0-dim int64 tensor"),
-        (_swap(5, lambda p: p.reshape(1)), TypeError, "position must be a 0-dim int64 tensor"),
+        (_swap(5, lambda p: p.reshape(1, 1)), TypeError, "or a 1-D one of B entries"),
+        (_swap(5, lambda p: p.reshape(1)), ValueError, "per-row position must have B=2 entries"),
         (_swap(5, lambda p: 3), TypeError, "position must be a Tensor"),
         (_swap(1, lambda k: k[:, :1]), ValueError, r"k must be \[B, Hkv, 1, D\]"),
         (_swap(2, lambda v: v[..., :8]), ValueError, r"v must be \[B, Hkv, 1, D\]"),
