@@ -32,7 +32,7 @@ from perfml.ops._norm import (
     _rms_norm_bwd_ref,
     _rms_norm_fwd_ref,
 )
-from perfml.ops.rms_norm import rms_norm_ref
+from perfml.ops.rms_norm import rms_norm, rms_norm_ref
 
 _LLAMA = CASTS["llama"]
 _FWD_ONE_TILE_MAX = 16384  # widest row kept in registers in the forward
@@ -67,6 +67,14 @@ def _add_rms_norm_bwd_ref(
     # rms_norm's backward on s in the compute dtype leaves dx unrounded, so adding ds rounds once
     dx, dw = _rms_norm_bwd_ref(dy, s.to(compute), weight, rstd, 0.0, needs_dw)
     return (dx + ds.to(compute)).to(s.dtype), dw
+
+
+def _rms_norm_llama_aten(s: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF LlamaRMSNorm as ATen ops (the "llama" cast: fp32 statistics, the normalized s rounded
+    to s.dtype, then times the weight), autograd by ATen."""
+    sf = s if s.dtype == torch.float32 else s.float()
+    h = sf * torch.rsqrt(sf.square().mean(-1, keepdim=True) + eps)
+    return weight * h.to(s.dtype)
 
 
 # --- 2. Triton kernels -----------------------------------------------------------------------
@@ -387,5 +395,14 @@ def add_rms_norm(
     _check(x, residual, weight)
     if x.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         return add_rms_norm_ref(x, residual, weight, eps)
+    # On CPU the add is one ATen op and the norm the C++ rms_norm kernel when it is built (the
+    # sum is written once either way), else an ATen composite; autograd joins the two.
+    path = _backend.select("add_rms_norm", x.device, has_cpp=True)
+    if path == "cpp":
+        s = x + residual
+        return rms_norm(s, weight, eps, cast="llama"), s
+    if path == "aten":
+        s = x + residual
+        return _rms_norm_llama_aten(s, weight, eps), s
     y, s, _ = torch.ops.perfml.add_rms_norm_fwd(x, residual, weight.contiguous(), float(eps))
     return y, s

@@ -361,3 +361,37 @@ def test_more_than_2_to_the_31_elements():
     add_rms_norm_ref(xr, r[tail].double(), w.double())[0].backward(dy[tail].double())
     assert torch.isfinite(x.grad[tail]).all()
     torch.testing.assert_close(x.grad[tail].double(), xr.grad, rtol=0.05, atol=0.05)
+
+
+def _autograd_names(t):
+    """The class names of every node of t's autograd graph: which ops ran."""
+    names, stack = set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("path", ["aten", "cpp"])
+@pytest.mark.parametrize(
+    "dtype,w_dtype,layout",
+    [
+        (torch.float32, torch.float32, "contiguous"),
+        (torch.bfloat16, torch.bfloat16, "transposed"),
+        (torch.bfloat16, torch.float32, "row-padded"),
+    ],
+)
+def test_cpu_paths_match_float64_reference(path, dtype, w_dtype, layout):
+    # CPU without interpret mode: x + residual as one ATen op, then the C++ rms_norm (cpp) or
+    # an ATen composite (aten, when the extension is not built)
+    if path == "cpp" and not _backend.has_extension():
+        pytest.skip(f"perfml._C is not built: {_backend.extension_error()}")
+    x, r = _make((37, 96), dtype, layout), _make((37, 96), dtype, "contiguous")
+    w = _weight(96, w_dtype)
+    with _backend.force(path):
+        y, _ = add_rms_norm(x.requires_grad_(), r, w)
+        names = _autograd_names(y)
+        assert "AddBackward0" in names and ("RsqrtBackward0" in names) == (path == "aten")
+        _check_against_reference(x.detach(), r, w)
