@@ -11,8 +11,13 @@ its loss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,35 @@ from perfml.profile.nvml import NvmlSampler
 from perfml.train.callbacks import Callback
 
 TRACE_FILE = "trace.json"
+
+# what the profiler's native library prints to stderr at every start and stop (stage markers and
+# USDT probe messages): not for the user, and not silenced by its log-level setting
+_NATIVE_NOISE = ("USDT:", "STAGE:")
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Inside the block, file descriptor 2 goes to a temporary file; afterwards every line of it
+    except the profiler's own noise is written to the real stderr, in order. (The noise comes from
+    C++, below sys.stderr, so only the descriptor can catch it.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [
+                line
+                for line in caught.read().splitlines(keepends=True)
+                if not line.startswith(tuple(n.encode() for n in _NATIVE_NOISE))
+            ]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 class StepProfiler:
@@ -68,17 +102,20 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.nvml.start()
-        self.profiler.start()
+        with _quiet_native_stderr():
+            self.profiler.start()
 
     def step(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.profiler.step()
+        with _quiet_native_stderr():
+            self.profiler.step()
         self.steps_done += 1
         self.step_marks_s.append(time.perf_counter() - self.nvml.t0)
 
     def stop(self) -> None:
-        self.profiler.stop()
+        with _quiet_native_stderr():
+            self.profiler.stop()
         self.nvml.stop()
         if self.device.type == "cuda":
             self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20

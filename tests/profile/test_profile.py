@@ -291,6 +291,25 @@ def test_step_profiler_rejects_zero_steps(tmp_path):
         StepProfiler(torch.device("cpu"), tmp_path, wait=1, warmup=1, active=0)
 
 
+def test_step_profiler_keeps_the_native_profiler_noise_off_stderr(tmp_path, capfd):
+    """The profiler library prints USDT/STAGE lines to file descriptor 2 at start and stop; they
+    are dropped, while anything else written to stderr in the profiled steps still shows."""
+    import os
+
+    prof = StepProfiler(torch.device("cpu"), tmp_path, wait=0, warmup=0, active=1)
+    capfd.readouterr()
+    step = prof.profiler.step
+    # written from inside the filtered region, as a library warning during a step would be
+    prof.profiler.step = lambda: (os.write(2, b"a real warning\n"), step())
+    prof.start()
+    torch.ones(4).sum()
+    prof.step()
+    prof.stop()
+    err = capfd.readouterr().err
+    assert "USDT:" not in err and "STAGE:" not in err
+    assert "a real warning" in err
+
+
 # --- the command -------------------------------------------------------------------------------
 
 
