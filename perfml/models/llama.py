@@ -369,6 +369,166 @@ class StaticKVCache:
         return self._k[layer], self._v[layer]
 
 
+class BatchedKVCache:
+    """The KV cache of continuous batching: `max_batch` slots of `max_len` positions each, one
+    sequence per slot, every slot at its own length. Buffers per layer [max_batch, Hkv, max_len,
+    D] are allocated once, here, for the layer shapes given (`BatchedKVCache.for_model`); the
+    per-slot position (the slot of each sequence's next token) is a device tensor [max_batch],
+    and `active` [max_batch] (1 for a slot holding a sequence) says which slots a decode step
+    advances, so a step never synchronizes with the host and a CUDA graph can replay it.
+
+    slot(i) is the cache a prompt's prefill runs with (Llama.hidden_states(ids [1, T],
+    cache.slot(i)): the ordinary causal forward of that prompt alone, writing its keys and values
+    into slot i from position 0). rows(n) is the cache of one batched decode step over slots
+    0..n-1 (input_ids [n, 1]): row r's token goes to position[r] and attends over its slots
+    0..position[r] (perfml.ops.decode_attention with per-row positions in a fused model, SDPA
+    with a per-row mask otherwise); rows not active compute on whatever they hold and change
+    nothing that a later prefill does not overwrite. free(i) empties a slot at once."""
+
+    def __init__(
+        self,
+        max_batch: int,
+        max_len: int,
+        layer_shapes: list[tuple[int, int]],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if max_batch < 1 or max_len < 1:
+            raise ValueError(
+                f"BatchedKVCache: max_batch and max_len must be >= 1, got {max_batch}, {max_len}"
+            )
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.position = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.active = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.lengths = [0] * max_batch  # the host's count of filled positions per slot
+        self.occupied = [False] * max_batch  # the host's copy of `active`
+        shapes = [(max_batch, hkv, max_len, d) for hkv, d in layer_shapes]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self._slots = torch.arange(max_len, device=device)
+        self._rows: dict[int, _BatchedRows] = {}
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, max_batch: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> BatchedKVCache:
+        """The cache for a perfml Llama's layers (their own kv head counts: a structurally
+        pruned layer may have fewer), in the embedding's dtype unless given, on its device."""
+        weight = model.embed_tokens.weight
+        shapes = [
+            (layer.self_attn.num_kv_heads, layer.self_attn.head_dim) for layer in model.layers
+        ]
+        return cls(max_batch, max_len, shapes, dtype or weight.dtype, weight.device)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_batch:
+            raise IndexError(f"BatchedKVCache: slot {slot} is not in 0..{self.max_batch - 1}")
+
+    def slot(self, slot: int) -> _BatchedSlot:
+        """The cache of a prefill of one sequence into `slot` (its earlier contents dropped)."""
+        self._check_slot(slot)
+        self.free(slot)
+        return _BatchedSlot(self, slot)
+
+    def rows(self, n: int) -> _BatchedRows:
+        """The cache of a decode step over slots 0..n-1 (one object per n, reused)."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"BatchedKVCache: rows must be in 1..{self.max_batch}, got {n}")
+        if n not in self._rows:
+            self._rows[n] = _BatchedRows(self, n)
+        return self._rows[n]
+
+    def free(self, slot: int) -> None:
+        """Empty `slot` (position 0, inactive): it is ready for the next prefill at once."""
+        self._check_slot(slot)
+        self.lengths[slot] = 0
+        self.occupied[slot] = False
+        self.position[slot] = 0
+        self.active[slot] = 0
+
+
+class _BatchedSlot:
+    """BatchedKVCache.slot(i): the KVCache interface for a prompt's prefill into slot i."""
+
+    length = 0
+
+    def __init__(self, cache: BatchedKVCache, slot: int) -> None:
+        self.cache = cache
+        self.slot = slot
+
+    def positions(self, t: int, device: torch.device) -> Tensor:
+        return torch.arange(t, device=device).unsqueeze(0)
+
+    def attention_mask(self, t: int) -> None:
+        return None  # update returns exactly the prompt's positions: causal SDPA
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v [1, Hkv, T, D] into positions 0..T-1 of the slot; those positions come back."""
+        t = k.shape[2]
+        if k.shape[0] != 1 or t > self.cache.max_len:
+            raise ValueError(
+                f"BatchedKVCache: a prefill is one sequence of at most {self.cache.max_len} "
+                f"tokens, got k of shape {tuple(k.shape)}"
+            )
+        k_slot = self.cache.k[layer][self.slot : self.slot + 1, :, :t]
+        v_slot = self.cache.v[layer][self.slot : self.slot + 1, :, :t]
+        k_slot.copy_(k)
+        v_slot.copy_(v)
+        return k_slot, v_slot
+
+    def advance(self, t: int) -> None:
+        cache = self.cache
+        cache.lengths[self.slot] = t
+        cache.occupied[self.slot] = True
+        cache.position[self.slot] = t
+        cache.active[self.slot] = 1
+
+
+class _BatchedRows:
+    """BatchedKVCache.rows(n): the cache interface for one decode step over slots 0..n-1."""
+
+    def __init__(self, cache: BatchedKVCache, n: int) -> None:
+        self.cache = cache
+        self.n = n
+        self.position = cache.position[:n]  # views: the step reads the live positions
+        self.active = cache.active[:n]
+        self._rows = torch.arange(n, device=cache.position.device)
+
+    @property
+    def length(self) -> int:
+        """The longest filled slot among the rows (Llama.hidden_states checks it)."""
+        return max(self.cache.lengths[: self.n])
+
+    def positions(self, t: int, device: torch.device) -> Tensor:
+        if t != 1:
+            raise ValueError(f"BatchedKVCache: a decode step feeds one token per row, got {t}")
+        return self.position.unsqueeze(1)  # [n, 1]
+
+    def attention_mask(self, t: int) -> Tensor:
+        """[n, 1, 1, max_len] bool: row r sees its slots 0..position[r]."""
+        return (self.cache._slots <= self.position.unsqueeze(1))[:, None, None, :]
+
+    def decode_attention(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The fused path: k, v into each row's own slot and attention over it, one kernel."""
+        k_cache, v_cache = self.cache.k[layer][: self.n], self.cache.v[layer][: self.n]
+        return decode_attention(q, k, v, k_cache, v_cache, self.position)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v [n, Hkv, 1, D] into slot position[r] of row r; the rows' whole buffers."""
+        k_cache, v_cache = self.cache.k[layer][: self.n], self.cache.v[layer][: self.n]
+        k_cache[self._rows, :, self.position] = k[:, :, 0]
+        v_cache[self._rows, :, self.position] = v[:, :, 0]
+        return k_cache, v_cache
+
+    def advance(self, t: int) -> None:
+        self.position.add_(self.active)  # inactive rows stay where they are
+        lengths = self.cache.lengths
+        for row in range(self.n):
+            if self.cache.occupied[row]:
+                lengths[row] += t
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Causal SDPA of q [B, Hq, T, D] over k, v [B, Hk, S, D] whose last T positions are q's, or
     over the slots `mask` [T, S] allows (a static cache)."""
@@ -402,7 +562,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, hidden, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticKVCache | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | StaticKVCache | _BatchedSlot | _BatchedRows | None,
     ) -> Tensor:
         b, t, _ = x.shape
         qkv_proj = self._modules.get("qkv_proj")  # set by perfml.models.fuse
@@ -419,7 +583,7 @@ class LlamaAttention(nn.Module):
         if (
             self.fused
             and t == 1
-            and isinstance(cache, StaticKVCache)
+            and isinstance(cache, (StaticKVCache, _BatchedRows))
             and self.head_dim <= MAX_HEAD_DIM
             and not (torch.is_grad_enabled() and q.requires_grad)
         ):
