@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +11,28 @@ from perfml.cli._common import UsageError, add_device, csv, device, shapes
 
 HELP = "time perfml's ops against eager/torch/compile/liger"
 DEFAULT_PLOTS = "bench-results/plots"
+GATED = "perfml"  # perfml.bench.gate.SUBJECT, named here so parsing imports no torch
+
+
+def _threshold(text: str) -> tuple[str, float]:
+    """IMPL[:RATIO] -> (IMPL, RATIO); RATIO defaults to 1.0 and must be a positive number."""
+    name, sep, ratio_text = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give IMPL or IMPL:RATIO, e.g. compile:1.1")
+    if name == GATED:
+        raise argparse.ArgumentTypeError(f"{text!r}: the gate times perfml against another impl")
+    if not sep:
+        return name, 1.0
+    try:
+        ratio = float(ratio_text)
+    except ValueError:
+        ratio = float("nan")
+    if not math.isfinite(ratio) or ratio <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: RATIO must be a positive number, e.g. {name}:1.1"
+        )
+    return name, ratio
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +51,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shapes",
         type=shapes,
         help="override the case sizes, e.g. 4096x4096 (default: each case's own)",
+    )
+    p.add_argument(
+        "--fail-if-slower-than",
+        dest="gates",
+        metavar="IMPL[:RATIO]",
+        type=_threshold,
+        action="append",
+        default=[],
+        help="after the table, time perfml (the impl named perfml; its variants are not gated) "
+        "against IMPL again in interleaved rounds and exit 1 "
+        "when the median of the per-round ratios perfml/IMPL is above RATIO (default 1.0) or "
+        "perfml failed; rows where IMPL did not run are not compared; repeatable (default: no "
+        "gate)",
     )
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument(
@@ -79,13 +115,18 @@ def run(args: argparse.Namespace) -> int:
         cases = bench.select_cases(args.cases)
     except bench.UnknownCaseError as exc:
         raise UsageError(str(exc)) from None
+    gate = _make_gate(args.gates, cases, dev)
+    impls = args.impls
+    if impls and gate is not None:  # the gated impls are measured even when --impls omits them
+        known = {impl.name for case in cases for impl in case.impls}
+        impls = (*impls, *(name for name in sorted(gate.keep & known) if name not in impls))
     config = bench.RunConfig(
-        device=dev, quick=args.quick, modes=args.modes, impls=args.impls, shapes=args.shapes
+        device=dev, quick=args.quick, modes=args.modes, impls=impls, shapes=args.shapes
     )
     if args.out:
         _open_out(args.out)
     try:
-        rows = bench.run(cases, config, out=args.out, progress=sys.stderr)
+        rows = bench.run(cases, config, out=args.out, progress=sys.stderr, on_group=gate)
     except ValueError as exc:  # an unknown mode or impl, found before anything is measured
         raise UsageError(str(exc)) from None
     if args.out:
@@ -96,4 +137,26 @@ def run(args: argparse.Namespace) -> int:
 
         for path in plot_rows(rows, args.plot_dir):
             print(f"plot: {path}", file=sys.stderr)
-    return 0
+    if gate is None:
+        return 0
+    print("\n".join(gate.report()))
+    return 1 if gate.failed else 0
+
+
+def _make_gate(gates: list[tuple[str, float]], cases, dev):
+    """The gate for --fail-if-slower-than, or None; an impl no selected case has is a usage
+    error, and so is one impl given twice."""
+    if not gates:
+        return None
+    from perfml.bench.gate import Gate, Threshold
+
+    known = sorted({impl.name for case in cases for impl in case.impls} - {GATED})
+    names = [name for name, _ in gates]
+    for name in names:
+        if name not in known:
+            raise UsageError(
+                f"--fail-if-slower-than {name}: unknown impl; known impls: {', '.join(known)}"
+            )
+        if names.count(name) > 1:
+            raise UsageError(f"--fail-if-slower-than {name}: given more than once")
+    return Gate([Threshold(name, ratio) for name, ratio in gates], dev, progress=sys.stderr)

@@ -1,12 +1,15 @@
 """`perfml bench`: the table, the JSONL rows, plots, and the usage errors, through main(argv)."""
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from perfml import cli
-from tests.bench.helpers import TINY
+from perfml import _backend, bench, cli
+from perfml.bench import registry
+from tests.bench.helpers import TINY, tiny_case
 
 
 def test_bench_quick_writes_jsonl_and_prints_the_table(only_tiny, tmp_path, capsys):
@@ -104,3 +107,90 @@ def test_bad_shapes_are_a_usage_error(capsys):
 def test_list(capsys):
     assert cli.main(["bench", "--list", "--device", "cpu"]) == 0
     assert "rms_norm" in capsys.readouterr().out
+
+
+def _rms_norm_with(monkeypatch, name, make):
+    """The real rms_norm case with one more impl, registered for the test's duration; perfml on
+    its CPU path (the tests run Triton in interpret mode, which plain perfml would pick)."""
+    monkeypatch.setenv("PERFML_BACKEND", "cpp" if _backend.has_extension() else "reference")
+    case = bench.get_case("rms_norm")
+    extra = bench.Impl(name, make=make)
+    monkeypatch.setitem(registry._CASES, "rms_norm", replace(case, impls=(*case.impls, extra)))
+    return case
+
+
+GATE_ARGV = ["bench", "rms_norm", "--device", "cpu", "--quick", "--modes", "fwd",
+             "--shapes", "32x256", "--impls", "eager"]  # fmt: skip
+
+
+def test_gate_passes_against_a_slower_impl(monkeypatch, capsys):
+    case = _rms_norm_with(monkeypatch, "sleepy", lambda: _sleepy(case.reference))
+    assert cli.main([*GATE_ARGV, "--fail-if-slower-than", "sleepy"]) == 0
+    out = capsys.readouterr().out
+    assert "  perfml " in out  # --impls eager: the gate still measures perfml and sleepy
+    row = next(line for line in out.splitlines() if " ms  sleepy " in line)
+    assert row.strip().startswith("rms_norm 32x256 float32 fwd") and row.endswith("ok")
+    assert out.rstrip().endswith("gate: 1 row compared, 0 slower than sleepy")
+
+
+def test_gate_fails_naming_the_row_against_a_faster_impl(monkeypatch, capsys):
+    case = _rms_norm_with(monkeypatch, "cached", lambda: _cached(case.reference))
+    assert cli.main([*GATE_ARGV, "--fail-if-slower-than", "cached:1.5"]) == 1
+    out = capsys.readouterr().out
+    assert "rms_norm  32x256  float32  fwd" in out  # the table is printed first
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith(
+        "gate: FAILED: 1 row slower than cached by more than 1.5x: rms_norm 32x256 float32 fwd ("
+    )
+    assert "SLOWER (limit 1.50)" in out and "IQR" in out
+
+
+def test_gate_rows_where_the_impl_did_not_run_are_not_compared(only_tiny, capsys):
+    argv = ["bench", TINY, "tiny_absent", "--quick", "--device", "cpu", "--modes", "fwd"]
+    bench.register(replace(tiny_case("eager", "perfml", "absent"), name="tiny_absent"))
+    assert cli.main([*argv, "--fail-if-slower-than", "absent"]) == 0
+    out = capsys.readouterr().out
+    assert f"{TINY} 4x16 float32 fwd  vs absent: not compared (no absent impl in this run)" in out
+    assert "vs absent: not compared (absent: not on this machine)" in out
+    assert out.rstrip().endswith("gate: 0 rows compared, 0 slower than absent, 2 not compared")
+
+
+def test_gate_with_an_impl_no_case_has_exits_2_listing_the_known_ones(only_tiny, capsys):
+    assert cli.main(["bench", "--device", "cpu", "--fail-if-slower-than", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--fail-if-slower-than nope: unknown impl; known impls: eager" in err
+    assert "[1/" not in err  # refused before anything was measured
+
+
+@pytest.mark.parametrize("bad", ["eager:abc", "eager:0", "eager:-1", "eager:", "eager:nan", ":2",
+                                 "perfml"])  # fmt: skip
+def test_gate_with_a_bad_ratio_is_a_usage_error(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--device", "cpu", "--fail-if-slower-than", bad])
+    assert exit_info.value.code == 2
+    assert "--fail-if-slower-than" in capsys.readouterr().err
+
+
+def test_gate_with_one_impl_twice_is_a_usage_error(only_tiny, capsys):
+    argv = ["bench", "--device", "cpu", "--fail-if-slower-than", "eager"]
+    assert cli.main([*argv, "--fail-if-slower-than", "eager:1.2"]) == 2
+    assert "--fail-if-slower-than eager: given more than once" in capsys.readouterr().err
+
+
+def _sleepy(reference):
+    def call(x, weight):
+        time.sleep(0.002)
+        return reference(x, weight)
+
+    return call
+
+
+def _cached(reference):
+    answers = {}
+
+    def call(x, weight):  # the right answer without computing it: faster than any kernel
+        if "y" not in answers:
+            answers["y"] = reference(x, weight)
+        return answers["y"]
+
+    return call
