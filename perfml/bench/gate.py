@@ -18,7 +18,9 @@ disagreed with the reference, and cases without one of the two, are "not compare
 never failures.
 
 The gate hooks into runner.run (GroupHook): it reuses each group's inputs and the prepared steps
-the run already built and checked (a compiled function is not compiled again).
+the run already built and checked (a compiled function is not compiled again, unless a later
+impl of the same group reset Dynamo's cache, as train_step's perfml-compile does: then it compiles
+again in the first round's warm-up, which costs time but is not timed).
 """
 
 from __future__ import annotations
