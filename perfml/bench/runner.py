@@ -193,6 +193,7 @@ def _blank(case: Case, shape: Shape, dtype: torch.dtype, mode: str, impl: str) -
         "bytes": None,
         "gbps": None,
         "pct_of_copy": None,
+        "cache_resident": None,
         "flops": None,
         "tflops": None,
         "pct_of_matmul": None,
@@ -243,6 +244,17 @@ def measure(
     return row
 
 
+def cache_resident(nbytes: int | None, cache_mib: float | None) -> bool | None:
+    """Whether a row's minimum traffic fits in the cache that keeps data between timed calls
+    (ceilings.cache_bytes: the CPU's last-level cache; none on CUDA). Such a row runs from that
+    cache, not from memory, so its GB/s may pass the copy ceiling. The traffic is at least the
+    bytes the call touches, so a row marked True is certain to fit. None where either is
+    unknown."""
+    if nbytes is None or not cache_mib:
+        return None
+    return nbytes <= cache_mib * 2**20
+
+
 def _derive(
     row: dict[str, Any],
     dtype: torch.dtype,
@@ -251,6 +263,7 @@ def _derive(
     tokens: int | None = None,
 ) -> None:
     row["bytes"], row["flops"] = nbytes, flops
+    row["cache_resident"] = cache_resident(nbytes, row.get("cache_mib"))
     ms = row["ms"]
     if ms is None or ms <= 0:
         return

@@ -41,6 +41,8 @@ def _note(row: Row) -> str:
         notes.append(f"MISMATCH vs reference ({detail})")
     if row["ms"] and row["ms_min"] and row["ms"] > NOISY * row["ms_min"]:
         notes.append(f"noisy: fastest call {row['ms_min']:.4g} ms")
+    if row.get("cache_resident") and row.get("gbps") is not None:
+        notes.append("cache-resident")
     return "; ".join(notes)
 
 
@@ -67,7 +69,10 @@ def _header(row: Row) -> list[str]:
         f"perfml bench  {row['device']}: {row['card']}  torch {row['torch']}  "
         f"triton {row['triton'] or '-'}  commit {commit}  {row['time']}"
     ]
-    ceilings = [f"copy {row['copy_gbps']:.1f} GB/s"]
+    copy = f"copy {row['copy_gbps']:.1f} GB/s"
+    if row.get("copy_method") and row.get("copy_mib"):
+        copy += f" ({row['copy_method']}, {row['copy_mib']:.0f} MiB)"
+    ceilings = [copy]
     for name in ("bf16", "fp32"):
         value = row.get(f"matmul_{name}_tflops")
         if value:
@@ -95,6 +100,13 @@ def render_table(rows: Sequence[Row]) -> str:
     lines.append("perfml x: this impl's time / perfml's time (above 1: perfml is faster); only")
     lines.append("between rows that both match the reference. GB/s counts minimum traffic; ms is")
     lines.append(f"the median call; 'noisy' marks a median over {NOISY}x the fastest call.")
+    resident = [r for r in rows if r.get("cache_resident") and r.get("gbps") is not None]
+    if resident:
+        lines.append(
+            "cache-resident: the row's minimum traffic fits in the "
+            f"{resident[0]['cache_mib']:.0f} MiB last-level cache, so it runs from cache and its"
+        )
+        lines.append("% copy (a copy through memory, beyond that cache) can pass 100.")
     baselines = sorted({r["baseline"] for r in rows if r.get("baseline")})
     if baselines:
         lines.append(

@@ -3,7 +3,7 @@ same machine, measured in the same run.
 
 Ceilings: perfml.bench.ceilings (device-to-device copy bandwidth; dense bf16 and fp32 matmul
 rate), the numbers `perfml bench` reports against. On a CPU the same code measures the CPU's
-(a 32 MiB copy, a 512^3 matmul).
+(copies of 4x the last-level cache, a 512^3 matmul).
 
 Bytes of a perfml op call: the benchmark case's minimum-traffic formula (perfml/bench/cost.py:
 each input read once, each output written once) at the call's recorded shapes and dtype; a

@@ -15,11 +15,13 @@ QUICK = bench.RunConfig(CPU, quick=True, cpu_budget_s=0.005)
 REQUIRED = {
     # meta, on every row
     "schema", "run_id", "time", "device", "card", "torch", "triton", "perfml", "commit", "dirty",
-    "python", "interpret", "copy_gbps", "matmul_bf16_tflops", "matmul_fp32_tflops", "matmul_n",
+    "python", "interpret", "copy_gbps", "copy_method", "copy_mib", "cache_mib",
+    "matmul_bf16_tflops", "matmul_fp32_tflops", "matmul_n",
     # what was measured
     "case", "family", "shape", "dtype", "mode", "impl", "path",
     # results
-    "ms", "ms_min", "reps", "bytes", "gbps", "pct_of_copy", "flops", "tflops", "pct_of_matmul",
+    "ms", "ms_min", "reps", "bytes", "gbps", "pct_of_copy", "cache_resident", "flops", "tflops",
+    "pct_of_matmul",
     "speedup_perfml", "tokens_per_s", "baseline", "speedup_vs_baseline", "peak_mib", "mismatch",
     "max_rel_err", "error", "skipped",
 }  # fmt: skip
