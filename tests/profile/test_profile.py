@@ -341,6 +341,8 @@ def test_cli_profiles_a_training_config(tmp_path, capsys):
     trace = json.loads((out / "trace.json").read_text())
     assert sum(str(e.get("name")).startswith("ProfilerStep#") for e in trace["traceEvents"]) == 2
     assert math.isfinite(float(printed.split(" ms/step")[0].split()[-1]))
+    # the profiled run is a documented part of the output, and the command says where it is
+    assert (out / "run" / "config.yaml").is_file() and f"run      {out / 'run'}" in printed
 
 
 def test_cli_profile_usage_errors(tmp_path, capsys):
