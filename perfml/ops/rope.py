@@ -120,7 +120,17 @@ def _rope_aten(
         _check_positions(position_ids, cos.shape[-2])
     c = _per_token_ref(cos, position_ids, unsqueeze_dim, torch.float32)
     s = _per_token_ref(sin, position_ids, unsqueeze_dim, torch.float32)
-    return _rotate_ref(q, c, s, transpose=False), _rotate_ref(k, c, s, transpose=False)
+    return _rotate_aten(q, c, s), _rotate_aten(k, c, s)
+
+
+def _rotate_aten(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # unlike the reference, no split and re-cat of the features when all of them rotate
+    r = cos.shape[-1]
+    xf = x if x.dtype == torch.float32 else x.float()
+    if r == x.shape[-1]:
+        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+    rot = xf[..., :r]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, xf[..., r:]), dim=-1).to(x.dtype)
 
 
 # --- 2. Triton kernels -----------------------------------------------------------------------
