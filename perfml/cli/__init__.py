@@ -32,6 +32,8 @@ COMMANDS: dict[str, str] = {
     "prune": "perfml.cli.prune",
     "export": "perfml.cli.export",
     "profile": "perfml.cli.profile",
+    "serve": "perfml.cli.serve",
+    "ab-report": "perfml.cli.ab_report",
 }
 
 DESCRIPTION = "perfml: fused kernels for PyTorch, and the proof of their speed"

@@ -129,6 +129,7 @@ def start_server(tmp_path):
             server.wait_ready()
         return server
 
+    start.tmp = tmp_path
     yield start
     for server in servers:
         server.close()
