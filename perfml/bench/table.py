@@ -104,9 +104,11 @@ def render_table(rows: Sequence[Row]) -> str:
     if resident:
         lines.append(
             "cache-resident: the row's minimum traffic fits in the "
-            f"{resident[0]['cache_mib']:.0f} MiB last-level cache, so it runs from cache and its"
+            f"{resident[0]['cache_mib']:.0f} MiB last-level cache: it runs"
         )
-        lines.append("% copy (a copy through memory, beyond that cache) can pass 100.")
+        lines.append(
+            "from cache, so its % copy (a copy through memory, beyond that cache) can pass 100."
+        )
     baselines = sorted({r["baseline"] for r in rows if r.get("baseline")})
     if baselines:
         lines.append(
