@@ -196,6 +196,8 @@ class Choice:
         else:
             end = len(full) - _held_back(full, self.stops)
         if end <= len(self.text):
+            if cut >= 0:  # never longer than the cut (a stream has sent no more than this)
+                self.text = self.text[:end]
             return ""
         delta = full[len(self.text) : end]
         self.text = full[:end]
@@ -317,6 +319,8 @@ class _RequestLog:
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False)
         with self._lock:
+            if self._file.closed:  # a response that outlived the drain
+                return
             self._file.write(line + "\n")
             self._file.flush()
 
