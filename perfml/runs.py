@@ -13,6 +13,11 @@ perplexity.
     loaded = perfml.runs.load_model("runs/tiny/quantized-int8")   # a model directory
     loaded.model, loaded.tokenizer(), loaded.run_dir, loaded.passes
     perfml.runs.evaluate("runs/tiny/quantized-int8")              # val loss and perplexity
+    loaded = perfml.runs.load_model("models:/tiny@production")    # a registered model (MLflow)
+
+Loading verifies the files against their manifests (perfml.lineage: a checkpoint's DONE and
+manifest.json, a model directory's manifest.json) and refuses a changed or truncated file by
+name; verify=False skips that, and a directory written before manifests loads with a warning.
 
 Every command that takes a model (eval, generate, quantize, prune, export) opens it here, so any
 of them takes either kind of directory and their outputs chain (prune -> quantize -> eval ->
@@ -131,10 +136,20 @@ def _run_of_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def load_model(path: str | Path, checkpoint: str = "latest") -> LoadedModel:
+def load_model(path: str | Path, checkpoint: str = "latest", *, verify: bool = True) -> LoadedModel:
     """Open the model of a run directory (its "latest" or "best" checkpoint, or the checkpoint
     directory given: a path, or a name like step-00000020 under the run's checkpoints/), of a
-    checkpoint directory itself, or of a model directory (checkpoint must stay "latest")."""
+    checkpoint directory itself, or of a model directory (checkpoint must stay "latest"). A
+    string "models:/NAME/VERSION" or "models:/NAME@ALIAS" is a registered model, downloaded
+    first (perfml.registry.resolve). verify=False skips checking the files against their
+    manifests."""
+    if isinstance(path, str) and path.startswith("models:/"):
+        from perfml import registry
+
+        try:
+            path = registry.resolve(path)
+        except registry.RegistryError as exc:
+            raise RunError(str(exc)) from None
     path = Path(path)
     if kind_of(path) == MODEL_DIR:
         if checkpoint != "latest":
@@ -142,8 +157,8 @@ def load_model(path: str | Path, checkpoint: str = "latest") -> LoadedModel:
                 f"{path}: a model directory has one model; a checkpoint ({checkpoint!r}) can be "
                 "chosen for run directories only"
             )
-        return _load_model_dir(path)
-    return _load_run(path, checkpoint)
+        return _load_model_dir(path, verify)
+    return _load_run(path, checkpoint, verify)
 
 
 def _resolve(path: Path, checkpoint: str) -> tuple[Path, Path]:
@@ -168,13 +183,16 @@ def _resolve(path: Path, checkpoint: str) -> tuple[Path, Path]:
     return path, resolve_checkpoint(chosen)
 
 
-def _load_run(path: Path, checkpoint: str) -> LoadedModel:
+def _load_run(path: Path, checkpoint: str, verify: bool = True) -> LoadedModel:
+    from perfml import lineage
     from perfml.models.llama import Llama, LlamaConfig
     from perfml.train.checkpoint import load_checkpoint
     from perfml.train.trainer import structure_mismatch
 
     run_dir, where = _resolve(path, checkpoint)
-    loaded = load_checkpoint(where, model_only=True)
+    if verify:
+        lineage.verify(where)  # DONE's hash; load_checkpoint checks the files against DONE
+    loaded = load_checkpoint(where, model_only=True, verify=verify)
     meta = loaded.meta
     model = Llama(LlamaConfig.from_dict(meta["model_config"]))
     problem = structure_mismatch(model, loaded.model)
@@ -198,12 +216,15 @@ def _load_run(path: Path, checkpoint: str) -> LoadedModel:
     )
 
 
-def _load_model_dir(path: Path) -> LoadedModel:
+def _load_model_dir(path: Path, verify: bool = True) -> LoadedModel:
+    from perfml import lineage
     from perfml.quant import model_dir
 
+    if verify:
+        lineage.verify(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
-        model = model_dir.load_model_dir(path)
+        model = model_dir.load_model_dir(path, verify=False)  # verified above
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise RunError(f"{path}: cannot read the model directory: {exc}") from None
     report = meta.get("report", {})
@@ -247,15 +268,25 @@ def _source_run(source: Path) -> Path | None:
 
 def lineage(loaded: LoadedModel) -> dict[str, Any]:
     """What a model directory derived from `loaded` records of where it came from: the source
-    directory, the training run, its checkpoint and step, world size and corpus fingerprint."""
+    directory, the training run, its checkpoint and step, world size and corpus fingerprint,
+    and its parent (parent_of: whose manifest the new directory's manifest names)."""
     return {
         "source": str(loaded.path),
+        "parent": str(parent_of(loaded)),
         "run": None if loaded.run_dir is None else str(loaded.run_dir),
         "checkpoint": None if loaded.checkpoint is None else str(loaded.checkpoint),
         "step": loaded.step,
         "world_size": loaded.world_size,
         "data_fingerprint": loaded.data_fingerprint,
     }
+
+
+def parent_of(loaded: LoadedModel) -> Path:
+    """The output a model derived from `loaded` is made from: the checkpoint of a run, the
+    model directory itself otherwise."""
+    if loaded.kind == RUN and loaded.checkpoint is not None:
+        return loaded.checkpoint
+    return loaded.path
 
 
 def evaluate(

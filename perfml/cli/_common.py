@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 DEVICES = ("cpu", "cuda")
 MODEL_PATH_HELP = (
     "a run directory (perfml train; its checkpoints/step-NNNNNNNN) or a model directory "
-    "(perfml quantize / prune)"
+    "(perfml quantize / prune), or a registered model models:/NAME/VERSION or models:/NAME@ALIAS "
+    "(perfml register)"
 )
 CHECKPOINT_HELP = (
     "for a run directory: latest, best, or a checkpoint (a directory, or a name like "
@@ -79,6 +80,16 @@ def add_overwrite(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_no_verify(p: argparse.ArgumentParser) -> None:
+    """--no-verify: load the model without checking its files against their manifests."""
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="load the model without checking its files' sizes and sha256 against its manifest",
+    )
+
+
 def device(name: str | None) -> torch.device:
     """The --device value as a torch.device; a UsageError for cuda without a CUDA device."""
     import torch
@@ -108,18 +119,21 @@ def train_errors() -> tuple[type[Exception], ...]:
 
 
 def model_errors() -> tuple[type[Exception], ...]:
-    """train_errors() plus a path that is not a run or model directory (perfml.runs)."""
+    """train_errors() plus a path that is not a run or model directory (perfml.runs) and a file
+    that differs from its manifest (perfml.lineage)."""
+    from perfml.lineage import ManifestError
     from perfml.runs import RunError
 
-    return (*train_errors(), RunError)
+    return (*train_errors(), RunError, ManifestError)
 
 
-def load_model(path: str, checkpoint: str) -> Any:
-    """perfml.runs.load_model, its errors as UsageErrors."""
+def load_model(path: str, checkpoint: str, verify: bool = True) -> Any:
+    """perfml.runs.load_model (verify: check the files against their manifests; the commands'
+    --no-verify), its errors as UsageErrors."""
     from perfml import runs
 
     try:
-        return runs.load_model(path, checkpoint)
+        return runs.load_model(path, checkpoint, verify=verify)
     except model_errors() as exc:
         raise UsageError(str(exc)) from None
 

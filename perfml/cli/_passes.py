@@ -34,6 +34,7 @@ from perfml.cli._common import (
     MODEL_PATH_HELP,
     UsageError,
     add_device,
+    add_no_verify,
     add_overwrite,
     device,
     load_model,
@@ -62,6 +63,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         help="validation batches for perplexity (default: the run's eval_batches)",
     )
     add_device(p)
+    add_no_verify(p)
 
 
 def finetune_config(
@@ -150,7 +152,7 @@ def run_pass(args: argparse.Namespace, pass_name: str, config_fn: Any) -> int:
         config = config_fn()
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
-    loaded = load_model(args.path, args.checkpoint)
+    loaded = load_model(args.path, args.checkpoint, args.verify)
     model = loaded.model
     include_head = pass_name == "quantize" and args.include_head
     head_note = None
@@ -213,17 +215,17 @@ def run_pass(args: argparse.Namespace, pass_name: str, config_fn: Any) -> int:
                 }
             if pass_name == "prune":
                 report["sparsity"] = sparsity.sparsity_report(model)
-            model_dir.save_model_dir(
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            tokenizer = loaded.tokenizer_file
+            if tokenizer is not None:  # perfml generate reads it next to the model
+                shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+            model_dir.save_model_dir(  # last: its manifest covers the files above
                 model.cpu(),
                 tmp,
                 model_config=loaded.model_config,
                 passes=[*loaded.passes, entry],
                 report=report,
             )
-            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            tokenizer = loaded.tokenizer_file
-            if tokenizer is not None:  # perfml generate reads it next to the model
-                shutil.copyfile(tokenizer, tmp / "tokenizer.json")
     except (*model_errors(), quant.QuantizationError, sparsity.PruningError) as exc:
         raise UsageError(str(exc)) from None
     except KeyboardInterrupt:  # a second Ctrl-C during the fine-tune

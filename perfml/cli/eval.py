@@ -11,6 +11,7 @@ from perfml.cli._common import (
     MODEL_PATH_HELP,
     UsageError,
     add_device,
+    add_no_verify,
     device,
     load_model,
     model_errors,
@@ -23,6 +24,7 @@ HELP = "validation loss and perplexity of a run's checkpoint or a model director
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH", help=MODEL_PATH_HELP)
     p.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
+    add_no_verify(p)
     p.add_argument(
         "--batches",
         type=positive_int,
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from perfml import runs
 
     dev = device(args.device)
-    loaded = load_model(args.path, args.checkpoint)
+    loaded = load_model(args.path, args.checkpoint, args.verify)
     try:
         result = runs.evaluate(loaded, batches=args.batches, device=dev)
     except model_errors() as exc:

@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-verify",
         dest="verify",
         action="store_false",
-        help="skip the onnxruntime parity check",
+        help="skip the onnxruntime parity check and the check of the model's files against "
+        "their manifest",
     )
 
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from perfml import runs
     from perfml._files import OutputExistsError, check_output, staged_output
     from perfml.export.onnx import ExportError, ParityError, to_onnx
 
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         check_output(out, overwrite=args.overwrite)
     except OutputExistsError as exc:
         raise UsageError(str(exc)) from None
-    model = load_model(args.path, args.checkpoint).model
+    loaded = load_model(args.path, args.checkpoint, args.verify)
+    model = loaded.model
     config = model.config
     if not 2 <= args.seq <= config.max_seq_len or args.batch < 2:
         raise UsageError(
@@ -76,7 +79,14 @@ def run(args: argparse.Namespace) -> int:
     with staged_output(out, overwrite=args.overwrite, is_dir=False) as tmp:
         staged = tmp / out.name
         try:
-            report = to_onnx(model, (ids,), staged, verify=args.verify, opset=args.opset)
+            report = to_onnx(
+                model,
+                (ids,),
+                staged,
+                verify=args.verify,
+                opset=args.opset,
+                source=runs.parent_of(loaded),
+            )
         except ParityError as exc:  # kept for inspection: moved into place like a good one
             failed = str(exc).replace(str(staged), str(out))
         except ExportError as exc:

@@ -13,6 +13,7 @@ from perfml.cli._common import (
     UsageError,
     add_device,
     add_dtype,
+    add_no_verify,
     device,
     dtype,
     load_model,
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--checkpoint", default="latest", help=CHECKPOINT_HELP)
+    add_no_verify(p)
     add_dtype(p)
     p.add_argument(
         "--no-cuda-graph", action="store_true", help="launch each step's kernels eagerly"
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
-    loaded = load_model(args.path, args.checkpoint)
+    loaded = load_model(args.path, args.checkpoint, args.verify)
     try:
         tokenizer = loaded.tokenizer()
     except (*model_errors(), ValueError) as exc:

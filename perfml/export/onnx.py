@@ -27,7 +27,9 @@ Weights over EXTERNAL_DATA_THRESHOLD (protobuf's 2 GiB limit on one message) go 
 `<path>.data` beside the model (ONNX external data); smaller models are one self-contained file.
 The files are written into a temporary folder beside `path` and moved into place only once the
 export (and the verification, with verify=True) succeeded, so a failure never leaves a
-half-made model nor replaces an earlier one.
+half-made model nor replaces an earlier one. Last comes `<path>.manifest.json` (perfml.lineage):
+the size and sha256 of the model and its `.data` file, the export's options, the parity numbers
+and, when `source` names the checkpoint or model directory exported, that parent's manifest hash.
 
 Language models (a `config` with max_seq_len and vocab_size, such as perfml's Llama, and integer
 token ids [batch, seq] as the first input): the graph's input is named `input_ids` and its
@@ -840,6 +842,7 @@ def to_onnx(
     vocab_size: int | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    source: str | Path | None = None,
 ) -> ExportReport:
     """Export `model` (evaluated on `example_inputs`, positional tensors) to the ONNX file `path`.
 
@@ -862,7 +865,9 @@ def to_onnx(
 
     The file appears at `path` only after everything (the verification included) succeeded: a
     failure leaves no file and an earlier model at `path` untouched; a model that fails the
-    parity check is kept for inspection in `<path>.parity-failed/`.
+    parity check is kept for inspection in `<path>.parity-failed/`. Then the manifest
+    `<path>.manifest.json` is written, naming `source` (the directory the model came from) as
+    its parent.
     """
     from torch.onnx import export as onnx_export
 
@@ -962,11 +967,41 @@ def to_onnx(
                     report,
                 )
         _move_into_place(folder, path, external)
+        _write_manifest(report, source)
     finally:
         model.train(was_training)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def _write_manifest(report: ExportReport, source: str | Path | None) -> None:
+    from perfml import lineage
+
+    path = report.path
+    files = [path.name] + ([report.external_data.name] if report.external_data else [])
+    parity = report.parity
+    manifest = lineage.build(
+        lineage.ONNX,
+        path.parent,
+        files,
+        producer={
+            "step": "export",
+            "format": "onnx",
+            "opset": report.opset,
+            "input_names": report.input_names,
+            "output_names": report.output_names,
+            "dynamic_axes": {
+                k: {str(a): d for a, d in v.items()} for k, v in report.dynamic_axes.items()
+            },
+            "verified": parity is not None,
+        },
+        parent=lineage.parent_record(source),
+        metrics={}
+        if parity is None
+        else {"max_abs_err": parity.max_abs_err, "max_rel_err": parity.max_rel_err},
+    )
+    lineage.write(path, manifest)
 
 
 # --- `perfml export RUN_DIR` -----------------------------------------------------------------
@@ -1003,4 +1038,13 @@ def export_run(
         )
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=generator)
-    return to_onnx(model, (ids,), out, verify=verify, opset=opset)
+    return to_onnx(model, (ids,), out, verify=verify, opset=opset, source=_parent(path, checkpoint))
+
+
+def _parent(path: str | Path, checkpoint: str) -> Path:
+    """The checkpoint (a run) or the model directory that export_run reads."""
+    from perfml import runs
+
+    if runs.kind_of(path) == runs.MODEL_DIR:
+        return Path(path)
+    return runs._resolve(Path(path), checkpoint)[1]

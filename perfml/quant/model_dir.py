@@ -6,10 +6,15 @@ A model directory holds
                      (tied weights stored once, through safetensors' save_model)
   perfml_model.json  {"model_config": LlamaConfig dict, "passes": [{"pass", "config", "args"}],
                      "report": the last pass's report}
-Loading builds the float model from the config, replays each pass's structure in order (a quantize
-pass re-runs the transform, a structured prune resizes the layers to the float shapes it recorded;
-unstructured and 2:4 pruning change values only) and loads the tensors strictly, so a mismatch is
-an error. Passes chain: a pruned model directory quantized again lists both passes.
+  manifest.json      written last (perfml.lineage): size and sha256 of every file of the
+                     directory (report.json, tokenizer.json too: write them before), the pass,
+                     the parent directory's manifest hash, perplexity before/after, versions
+Loading verifies the files against manifest.json first (verify=False skips it; a directory
+without one loads with a warning), then builds the float model from the config, replays each
+pass's structure in order (a quantize pass re-runs the transform, a structured prune resizes the
+layers to the float shapes it recorded; unstructured and 2:4 pruning change values only) and
+loads the tensors strictly, so a mismatch is an error. Passes chain: a pruned model directory
+quantized again lists both passes.
 """
 
 from __future__ import annotations
@@ -77,7 +82,9 @@ def save_model_dir(
     passes: list[dict[str, Any]],
     report: dict[str, Any],
 ) -> Path:
-    """Write `model` (a perfml Llama after its passes) and its recipe to the directory `path`."""
+    """Write `model` (a perfml Llama after its passes) and its recipe to the directory `path`,
+    then its manifest, covering every file already in `path` (write the others first). The
+    report's "parent" (perfml.runs.lineage) names the directory the model was made from."""
     from safetensors.torch import save_model
 
     path = Path(path)
@@ -86,17 +93,49 @@ def save_model_dir(
     default_mode(path / MODEL_FILE)  # safetensors writes 0600; the other files are 0644
     meta = {"model_config": model_config, "passes": passes, "report": report}
     (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    _write_manifest(path, passes, report)
     return path
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The Llama saved by save_model_dir, its passes replayed and its tensors loaded strictly."""
+def _write_manifest(path: Path, passes: list[dict[str, Any]], report: dict[str, Any]) -> None:
+    from perfml import lineage
+
+    def ppl(key: str) -> float | None:
+        return (report.get(key) or {}).get("ppl")
+
+    origin = {k: report.get(k) for k in ("run", "checkpoint", "step", "world_size", "source")}
+    manifest = lineage.build(
+        lineage.MODEL,
+        path,
+        lineage.top_level_files(path),
+        producer={"step": passes[-1]["pass"], **passes[-1]} if passes else {"step": "save"},
+        parent=lineage.parent_record(report.get("parent")),
+        lineage=origin,
+        data_fingerprint=report.get("data_fingerprint"),
+        metrics={
+            "ppl_before": ppl("before"),
+            "ppl_after": ppl("after"),
+            "ppl_after_finetune": ppl("after_finetune"),
+            "val_loss_after": (report.get("after") or {}).get("val_loss"),
+        },
+    )
+    lineage.write(path, manifest)
+
+
+def load_model_dir(
+    path: str | Path, device: str | torch.device = "cpu", *, verify: bool = True
+) -> nn.Module:
+    """The Llama saved by save_model_dir, its passes replayed and its tensors loaded strictly.
+    Its files are checked against manifest.json first (perfml.lineage.ManifestError naming a
+    changed or truncated file); verify=False skips that."""
     from safetensors.torch import load_file
 
-    from perfml import quant
+    from perfml import lineage, quant
     from perfml.models.llama import Llama, LlamaConfig
 
     path = Path(path)
+    if verify:
+        lineage.verify(path)
     meta = json.loads((path / META_FILE).read_text())
     model = Llama(LlamaConfig.from_dict(meta["model_config"]))
     state = load_file(str(path / MODEL_FILE))

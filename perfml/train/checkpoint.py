@@ -6,7 +6,9 @@ A checkpoint is a directory RUN_DIR/checkpoints/step-00000100/ holding
                      plain tensors, numbers, strings, lists and dicts, read back with
                      torch.load(weights_only=True)
   meta.json          config, data fingerprint, step, versions (for people and for `perfml eval`)
-  DONE               written last: the size and sha256 of each file above
+  DONE               the size and sha256 of each file above
+  manifest.json      written last (perfml.lineage): DONE's hash, the producer (the train config
+                     and step), data fingerprint, losses, versions and git commit
 
 Writing goes to a hidden sibling `.tmp-step-...` directory; every file is fsynced, DONE is written
 last, then the directory is renamed into place and its parent fsynced. A crash at any point leaves
@@ -91,6 +93,7 @@ def save_checkpoint(
         _write_json(tmp / META_FILE, meta)
         files = {name: _describe(tmp / name) for name in (MODEL_FILE, STATE_FILE, META_FILE)}
         _write_json(tmp / DONE_FILE, {"format": FORMAT, "files": files})
+        _write_manifest(tmp, meta)
         _fsync_dir(tmp)
         old = None
         if path.exists():  # the same step written again (e.g. a rerun of the last step)
@@ -104,6 +107,22 @@ def save_checkpoint(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _write_manifest(folder: Path, meta: dict[str, Any]) -> None:
+    """manifest.json of a checkpoint: it lists DONE alone (which records every other file)."""
+    from perfml import lineage
+
+    manifest = lineage.build(
+        lineage.CHECKPOINT,
+        folder,
+        [DONE_FILE],
+        verified_by=DONE_FILE,
+        producer={"step": "train", "config": meta.get("config"), "train_step": meta.get("step")},
+        data_fingerprint=(meta.get("data") or {}).get("fingerprint"),
+        metrics={"train_loss": meta.get("train_loss"), "val_loss": meta.get("val_loss")},
+    )
+    lineage.write(folder, manifest)
 
 
 def _write_model(path: Path, model_state: dict[str, torch.Tensor]) -> None:
@@ -202,11 +221,16 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(path: str | Path, *, model_only: bool = False) -> Checkpoint:
-    """Read a checkpoint verified against its DONE manifest. `model_only` skips parsing
-    trainer.pt (evaluation needs the weights alone)."""
+def load_checkpoint(
+    path: str | Path, *, model_only: bool = False, verify: bool = True
+) -> Checkpoint:
+    """Read a checkpoint verified against its DONE manifest (verify=False skips the sizes and
+    hashes). `model_only` skips parsing trainer.pt (evaluation needs the weights alone)."""
     path = Path(path)
-    verify_checkpoint(path)
+    if verify:
+        verify_checkpoint(path)
+    elif not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
     model = _read_model(path / MODEL_FILE)
     state: dict[str, Any] = {}
     if not model_only:

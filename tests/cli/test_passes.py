@@ -134,8 +134,8 @@ def test_an_existing_output_is_refused_unless_overwrite(run_dir, tmp_path, capsy
     # --overwrite replaces it with a complete model directory, nothing of the old one left
     assert cli.main([*argv, "--overwrite", "--device", "cpu"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["finetune", "model.safetensors", "perfml_model.json", "report.json",
-                     "tokenizer.json"]  # fmt: skip
+    assert names == ["finetune", "manifest.json", "model.safetensors", "perfml_model.json",
+                     "report.json", "tokenizer.json"]  # fmt: skip
     assert load_config(out / "finetune" / "config.yaml").max_steps == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
 

@@ -36,6 +36,7 @@ def test_round_trip_with_tied_weights_stored_once(tmp_path):
     path = ckpt.save_checkpoint(tmp_path / "step-00000003", model, state, meta)
     assert sorted(p.name for p in path.iterdir()) == [
         "DONE",
+        "manifest.json",
         "meta.json",
         "model.safetensors",
         "trainer.pt",
