@@ -31,9 +31,12 @@ COMMANDS: dict[str, str] = {
     "quantize": "perfml.cli.quantize",
     "prune": "perfml.cli.prune",
     "export": "perfml.cli.export",
+    "info": "perfml.cli.info",
+    "register": "perfml.cli.register",
     "profile": "perfml.cli.profile",
     "serve": "perfml.cli.serve",
     "ab-report": "perfml.cli.ab_report",
+    "tune": "perfml.cli.tune",
 }
 
 DESCRIPTION = "perfml: fused kernels for PyTorch, and the proof of their speed"

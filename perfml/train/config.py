@@ -26,6 +26,9 @@ import yaml
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Schedule = Literal["cosine", "wsd", "constant"]
 LOGGERS = ("jsonl", "tensorboard", "mlflow")
+# top-level YAML sections that other commands read and a run ignores (`tune:`: perfml tune's
+# search space)
+SECTIONS = ("tune",)
 
 
 class ConfigError(ValueError):
@@ -158,6 +161,8 @@ class TrainConfig:
         hints = _field_types()
         parsed = {}
         for key, value in values.items():
+            if key in SECTIONS:
+                continue
             if key not in hints:
                 raise ConfigError(f"{source}: unknown key {key!r}{_suggest(str(key))}")
             parsed[key] = _convert(value, hints[key], key, source, from_text=False)
