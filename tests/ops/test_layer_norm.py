@@ -406,3 +406,11 @@ def test_aten_path_matches_float64_reference(dtype, param_dtype, layout):
         x1 = x.detach().requires_grad_()
         layer_norm(x1).sum().backward()  # no weight, no bias
         assert x1.grad.dtype == dtype
+
+
+def test_aten_path_rows_of_one_element():
+    # y = bias and dweight = 0 exactly; ATen's own backward leaves rounding noise in dweight
+    x = torch.randn(6, 1, device=DEVICE, dtype=torch.bfloat16)
+    w, b = _params(1, torch.bfloat16, True, True)
+    with _backend.force("aten"):
+        _check_against_reference(x, w, b, torch.randn(6, 1, device=DEVICE, dtype=torch.float64))
