@@ -221,32 +221,37 @@ def test_queue_full_is_429_and_a_client_that_leaves_frees_its_slot(serve_run, st
     assert r.status_code == 200
 
 
+async def _sigterm_with_requests_in_flight(server, payloads):
+    """Send payloads, SIGTERM once all are in flight; (responses, when each came back, when the
+    signal went, /readyz and a new request during the drain)."""
+    n = len(payloads)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        tasks = [asyncio.create_task(client.post("/v1/completions", json=p)) for p in payloads]
+        done_at: dict[int, float] = {}
+        for i, t in enumerate(tasks):
+            t.add_done_callback(lambda _, i=i: done_at.setdefault(i, time.monotonic()))
+        while True:  # every request accepted
+            m = samples((await client.get("/metrics")).text)
+            if m[("perfml_requests_in_flight", (("variant", "base"),))] == n:
+                break
+            await asyncio.sleep(0.01)
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        ready = await client.get("/readyz")
+        late = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        return await asyncio.gather(*tasks), done_at, sent, ready, late
+
+
 def test_sigterm_drains_every_accepted_request(serve_run, start_server):
     server = start_server(serve_run, "--max-batch", "2", "--drain-timeout", "60")
     n = 16
     payloads = [
         {"prompt": f"x{i}", "max_tokens": 60, "temperature": 0.9, "seed": i} for i in range(n)
     ]
-
-    async def scenario():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            tasks = [asyncio.create_task(client.post("/v1/completions", json=p)) for p in payloads]
-            done_at: dict[int, float] = {}
-            for i, t in enumerate(tasks):
-                t.add_done_callback(lambda _, i=i: done_at.setdefault(i, time.monotonic()))
-            while True:  # every request accepted and some running
-                m = samples((await client.get("/metrics")).text)
-                if m[("perfml_requests_in_flight", (("variant", "base"),))] == n:
-                    break
-                await asyncio.sleep(0.01)
-            sent = time.monotonic()
-            server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
-            ready = await client.get("/readyz")
-            late = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
-            return await asyncio.gather(*tasks), done_at, sent, ready, late
-
-    results, done_at, sent, ready, late = asyncio.run(scenario())
+    results, done_at, sent, ready, late = asyncio.run(
+        _sigterm_with_requests_in_flight(server, payloads)
+    )
     assert ready.status_code == 503 and ready.json()["status"] == "draining"
     assert late.status_code == 503
     assert [r.status_code for r in results] == [200] * n
@@ -257,3 +262,16 @@ def test_sigterm_drains_every_accepted_request(serve_run, start_server):
             assert r.json()["usage"]["completion_tokens"] == 60
     assert sum(t > sent for t in done_at.values()) >= n // 2  # answered during the drain
     assert server.proc.wait(60) == 0, server.output()
+
+
+def test_drain_timeout_answers_the_rest_cancelled(serve_run, start_server):
+    server = start_server(serve_run, "--max-batch", "1", "--drain-timeout", "0.3")
+    payloads = [{"prompt": "y", "max_tokens": 63, "temperature": 0.9, "seed": i} for i in range(8)]
+    results, _, _, _, _ = asyncio.run(_sigterm_with_requests_in_flight(server, payloads))
+    assert [r.status_code for r in results] == [200] * len(payloads)  # none without an answer
+    reasons = Counter(r.json()["choices"][0]["finish_reason"] for r in results)
+    assert reasons["cancelled"] >= 1, reasons
+    for r in results:
+        if r.json()["choices"][0]["finish_reason"] == "cancelled":
+            assert r.json()["usage"]["completion_tokens"] < 63
+    assert server.proc.wait(30) == 0, server.output()
