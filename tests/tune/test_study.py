@@ -105,6 +105,26 @@ def test_a_non_finite_loss_fails_the_trial(write_config, tmp_path, capsys):
     assert "no trial completed" in capsys.readouterr().err
 
 
+def test_a_study_continued_with_another_search_is_refused(write_config, tmp_path):
+    from perfml.tune.study import TuneError, TuneOptions, load_inputs, make_pruner, open_study
+
+    path = write_config(LR_SPACE)
+    options = TuneOptions(config=path, out=tmp_path / "study")
+    options.out_dir.mkdir()
+    base, space = load_inputs(options)
+    open_study(options, base, space, worker=0)
+    for change, what in (
+        ({"metric": "train_loss"}, "another metric"),
+        ({"direction": "maximize"}, "the other way"),
+    ):
+        other = TuneOptions(config=path, out=tmp_path / "study", **change)
+        with pytest.raises(TuneError, match=what):
+            open_study(other, base, space, worker=0)
+    hyperband = make_pruner(TuneOptions(config=path, pruner="hyperband"), base)
+    assert type(hyperband).__name__ == "HyperbandPruner"
+    assert (hyperband._min_resource, hyperband._max_resource) == (base.eval_every, base.max_steps)
+
+
 def _start(path, out, *extra):
     argv = ["tune", "--config", str(path), "--out", str(out), "--seed", "0", *extra]
     return subprocess.Popen(
@@ -125,7 +145,7 @@ def _wait_for(path, proc, timeout=120.0):
 
 
 def test_a_killed_study_continues_keeping_its_finished_trials(write_config, tmp_path):
-    path = write_config(LR_SPACE, max_steps=30, eval_every=10)
+    path = write_config(LR_SPACE, max_steps=20, eval_every=10)
     out = tmp_path / "study"
     args = ("--trials", "3", "--heartbeat", "1", "--pruner", "none")
     proc = _start(path, out, *args)
@@ -156,9 +176,9 @@ def test_a_killed_study_continues_keeping_its_finished_trials(write_config, tmp_
 
 
 def test_sigterm_checkpoints_the_trial_and_stops_the_study(write_config, tmp_path):
-    path = write_config(LR_SPACE, max_steps=30, eval_every=10)
+    path = write_config(LR_SPACE, max_steps=20, eval_every=10)
     out = tmp_path / "study"
-    proc = _start(path, out, "--trials", "3", "--pruner", "none")
+    proc = _start(path, out, "--trials", "2", "--pruner", "none")
     _wait_for(out / "trials" / "1" / "config.yaml", proc)
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
