@@ -31,7 +31,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class TuneOptions:
     seed: int | None = None  # the sampler's seed (worker i uses seed + i)
     startup_trials: int = 3  # trials drawn at random, and never pruned, before TPE and pruning
     heartbeat_s: int = 10  # a dead worker's trial is failed and retried after 2x this
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         checks = (
