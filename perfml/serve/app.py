@@ -48,6 +48,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 NO_VARIANT = "none"  # the variant label of a request refused before it was routed
 CLIENT_CLOSED = 499  # the status recorded for a client that went away mid-request
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.05  # how often a non-streamed request checks that its client is still there
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -537,9 +538,36 @@ def build_app(
             return StreamingResponse(
                 _stream(state, job), media_type="text/event-stream", headers=headers
             )
-        return await _answer(state, job, headers)
+        return await _answer_unless_gone(request, state, job, headers)
 
     return app
+
+
+async def _answer_unless_gone(
+    request: Request, state: _State, job: _Job, headers: dict[str, str]
+) -> Response:
+    """_answer, cancelled (its engine requests with it) when the client disconnects first."""
+    answer = asyncio.ensure_future(_answer(state, job, headers))
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while not answer.done():
+            if await request.is_disconnected():
+                gone = True
+                answer.cancel()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await answer
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it
+    finally:
+        watcher.cancel()
 
 
 def _route(state: _State, body: CompletionRequest) -> Variant:

@@ -192,9 +192,9 @@ def test_metrics_and_request_log(ab_server):
 
 def test_queue_full_is_429_and_a_client_that_leaves_frees_its_slot(serve_run, start_server):
     log = start_server.tmp / "requests.jsonl"
-    server = start_server(serve_run, "--max-batch", "1", "--max-queue", "1", "--request-log", log)
+    server = start_server(serve_run, "--max-batch", "1", "--max-queue", "3", "--request-log", log)
     payload = {"prompt": "a", "max_tokens": 60, "temperature": 0.8, "seed": 1}
-    results = asyncio.run(post_all(server, [payload] * 12, headers={}))
+    results = asyncio.run(post_all(server, [payload] * 16, headers={}))
     codes = Counter(r.status_code for r in results)
     assert set(codes) == {200, 429} and codes[429] >= 1, codes
     refused = next(r for r in results if r.status_code == 429)
@@ -215,6 +215,29 @@ def test_queue_full_is_429_and_a_client_that_leaves_frees_its_slot(serve_run, st
     last = records[-1]
     assert last["status"] == 499 and last["finish_reason"] == "cancelled"
     assert last["completion_tokens"] < 63
+
+    # a client that gives up on a non-streamed request (queued behind three others): the same
+    async def leave_while_queued():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            busy = [
+                asyncio.create_task(client.post("/v1/completions", json=stream | {"stream": False}))
+                for _ in range(3)
+            ]
+            await asyncio.sleep(0.02)
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/completions", json={**payload, "seed": 9}, timeout=0.05)
+            return await asyncio.gather(*busy)
+
+    assert [r.status_code for r in asyncio.run(leave_while_queued())] == [200] * 3
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        more = [json.loads(line) for line in log.read_text().splitlines()][len(records) :]
+        if len(more) == 4:
+            break
+        time.sleep(0.05)
+    more = [r for r in more if r["status"] != 200]
+    assert [(r["status"], r["finish_reason"]) for r in more] == [(499, "cancelled")]
+    assert more[0]["completion_tokens"] < 63
     metrics = samples(httpx.get(f"{server.url}/metrics").text)
     assert metrics[("perfml_kv_slots_in_use", (("variant", "base"),))] == 0
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
