@@ -380,8 +380,13 @@ def ce_rows(
     """Per-row losses of x2 [N, V] (unit column stride) into loss_out [N] fp32 and, if grad_out
     [N, V] is given (it may be x2 itself), the gradient times `scale` (a 1-element fp32 tensor, or
     [N]) into it. Shared with linear_cross_entropy, which calls it on each chunk of logits."""
-    if _backend.select(op, x2.device) == "triton":
+    path = _backend.select(op, x2.device)
+    if path == "triton":
         _ce_rows_triton(
+            x2, t, loss_out, grad_out, scale, ignore_index, label_smoothing, z_loss, softcap
+        )
+    elif path == "aten":
+        _ce_rows_aten(
             x2, t, loss_out, grad_out, scale, ignore_index, label_smoothing, z_loss, softcap
         )
     else:
@@ -806,3 +811,50 @@ def cross_entropy(
     # "none" computes its gradient in the backward, where each row's upstream gradient is known
     precompute = compute_grad and reduction != "none"
     return torch.ops.perfml.cross_entropy_fwd(logits, target, *opts, softcap, precompute)[0]
+
+
+def _ce_rows_aten(
+    x2: Tensor,
+    t: Tensor,
+    loss_out: Tensor,
+    grad_out: Tensor | None,
+    scale: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+) -> None:
+    """ce_rows on the aten path: the reference's contract from one fused log_softmax per row
+    instead of torch.logsumexp (max, subtract, exp, sum, log as separate passes), and the
+    gradient as exp(log_softmax) written in place. lse = x_t - log_softmax(x)_t is formed only
+    for z_loss."""
+    v = x2.shape[1]
+    x = x2 if x2.dtype == torch.float32 else x2.float()
+    x = _softcap_ref(x, softcap)
+    t = t.long()
+    valid = t != ignore_index
+    in_range = (t >= 0) & (t < v)
+    safe_t = torch.where(in_range, t, 0).unsqueeze(1)
+    lp = torch.log_softmax(x, dim=-1)
+    lp_t = lp.gather(1, safe_t).squeeze(1)
+    loss = -lp_t
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * lp.mean(dim=-1)
+    lse = None
+    if z_loss:
+        lse = x.gather(1, safe_t).squeeze(1) - lp_t
+        loss = loss + z_loss * lse.square()
+    loss_out.copy_(torch.where(valid, torch.where(in_range, loss, torch.nan), 0.0))
+    if grad_out is None:
+        return
+    g = lp.exp_()  # softmax, in log_softmax's own buffer
+    if lse is not None:
+        g.mul_((1 + 2 * z_loss * lse).unsqueeze(1))
+    if label_smoothing:
+        g.sub_(label_smoothing / v)
+    g.scatter_add_(1, safe_t, -(1 - label_smoothing) * in_range.float().unsqueeze(1))
+    if softcap is not None:
+        g.mul_(1 - (x / softcap).square())
+    row_scale = scale.float().expand(t.shape[0]) if scale.numel() == 1 else scale.float()
+    g.mul_(torch.where(valid, row_scale, 0.0).unsqueeze(1))
+    grad_out.copy_(g)

@@ -620,3 +620,20 @@ def test_aten_path_matches_float64_reference(dtype, option, reduction):
             assert torch.equal(x.grad, torch.zeros_like(x))
         with pytest.raises(ValueError, match="out of range"):
             cross_entropy(logits, torch.full((6,), 1025, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_aten_path_inplace_backward(dtype):
+    # inplace_backward keeps the custom op (its memory); on the aten path its rows come from
+    # ATen's log_softmax
+    logits, target = _inputs((6, 1025), dtype, ignore=(1, 4))
+    kw = OPTIONS["all"]
+    want = _run(cross_entropy_ref, logits.double(), target, _unit(), **kw)
+    base = _run(cross_entropy_ref, logits, target, _unit(), **kw)
+    leaf = logits.detach().clone().requires_grad_()
+    with _backend.force("aten"):
+        loss = cross_entropy(leaf * 1, target, inplace_backward=True, **kw)
+        assert "LogSoftmaxBackward0" not in _autograd_names(loss)
+        loss.backward()
+    assert_matches_reference(loss.detach(), want[0], base[0], name="loss")
+    assert_matches_reference(leaf.grad, want[1], base[1], name="dlogits")

@@ -462,3 +462,25 @@ def test_strided_target(chunk_size, reduction, dtype, poison_empty):
     assert not target.is_contiguous()
     dy = _upstream(() if reduction != "none" else (9,), dtype)
     _check(hidden, weight, target, b, dy, {"chunk_size": chunk_size}, reduction=reduction)
+
+
+@pytest.mark.parametrize(
+    "dtype,reduction,bias,options",
+    [
+        (torch.float32, "mean", False, {}),
+        (torch.float32, "none", True, ALL_OPTIONS),
+        (torch.bfloat16, "sum", True, ALL_OPTIONS),
+    ],
+)
+def test_aten_path_matches_float64_reference(dtype, reduction, bias, options, monkeypatch):
+    # the CPU path without a C++ kernel: the chunked matmuls with ATen's log_softmax per chunk
+    ce = importlib.import_module("perfml.ops.cross_entropy")
+    calls = []
+    aten_rows = ce._ce_rows_aten
+    monkeypatch.setattr(ce, "_ce_rows_aten", lambda *a: calls.append(1) or aten_rows(*a))
+    hidden, weight, target, b = _inputs(37, 24, 97, dtype, bias=bias, ignore_every=5)
+    dy = _upstream(() if reduction != "none" else (37,), dtype)
+    with _backend.force("aten"):
+        _check(hidden, weight, target, b, dy, fused_kw={"chunk_size": 16}, reduction=reduction,
+               **options)  # fmt: skip
+    assert calls
