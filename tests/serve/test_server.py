@@ -244,31 +244,34 @@ def test_queue_full_is_429_and_a_client_that_leaves_frees_its_slot(serve_run, st
     assert r.status_code == 200
 
 
-async def _sigterm_with_requests_in_flight(server, payloads):
+async def _sigterm_with_requests_in_flight(server, payloads, probe=True):
     """Send payloads, SIGTERM once all are in flight; (responses, when each came back, when the
-    signal went, /readyz and a new request during the drain)."""
+    signal went, and with probe /readyz and a new request during the drain)."""
     n = len(payloads)
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         tasks = [asyncio.create_task(client.post("/v1/completions", json=p)) for p in payloads]
         done_at: dict[int, float] = {}
         for i, t in enumerate(tasks):
             t.add_done_callback(lambda _, i=i: done_at.setdefault(i, time.monotonic()))
-        while True:  # every request accepted
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # every request accepted (running or answered)
             m = samples((await client.get("/metrics")).text)
-            if m[("perfml_requests_in_flight", (("variant", "base"),))] == n:
+            if m[("perfml_requests_in_flight", (("variant", "base"),))] + len(done_at) >= n:
                 break
             await asyncio.sleep(0.01)
         sent = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.1)
-        ready = await client.get("/readyz")
-        late = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        ready = late = None
+        if probe:
+            await asyncio.sleep(0.02)
+            ready = await client.get("/readyz")
+            late = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
         return await asyncio.gather(*tasks), done_at, sent, ready, late
 
 
 def test_sigterm_drains_every_accepted_request(serve_run, start_server):
     server = start_server(serve_run, "--max-batch", "2", "--drain-timeout", "60")
-    n = 16
+    n = 24
     payloads = [
         {"prompt": f"x{i}", "max_tokens": 60, "temperature": 0.9, "seed": i} for i in range(n)
     ]
@@ -288,9 +291,12 @@ def test_sigterm_drains_every_accepted_request(serve_run, start_server):
 
 
 def test_drain_timeout_answers_the_rest_cancelled(serve_run, start_server):
-    server = start_server(serve_run, "--max-batch", "1", "--drain-timeout", "0.3")
-    payloads = [{"prompt": "y", "max_tokens": 63, "temperature": 0.9, "seed": i} for i in range(8)]
-    results, _, _, _, _ = asyncio.run(_sigterm_with_requests_in_flight(server, payloads))
+    server = start_server(serve_run, "--max-batch", "1", "--drain-timeout", "0.1")
+    # 24 x 63 tokens one at a time: far more than 0.1 s of work
+    payloads = [{"prompt": "y", "max_tokens": 63, "temperature": 0.9, "seed": i} for i in range(24)]
+    results, _, _, _, _ = asyncio.run(
+        _sigterm_with_requests_in_flight(server, payloads, probe=False)
+    )
     assert [r.status_code for r in results] == [200] * len(payloads)  # none without an answer
     reasons = Counter(r.json()["choices"][0]["finish_reason"] for r in results)
     assert reasons["cancelled"] >= 1, reasons
