@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perfml.ops._norm import CASTS as _NORM_CASTS
 from perfml.ops.cross_entropy import cross_entropy
 from perfml.ops.layer_norm import layer_norm
 from perfml.ops.linear_cross_entropy import linear_cross_entropy
@@ -170,8 +171,24 @@ def _hf_rms_norm_forward(cast: str, offset: float, eps_attr: str) -> Callable[..
     return forward
 
 
-_LLAMA_RMS_NORM_FORWARD = _hf_rms_norm_forward("llama", 0.0, "variance_epsilon")
-_GEMMA_RMS_NORM_FORWARD = _hf_rms_norm_forward("gemma", 1.0, "eps")
+@functools.cache
+def _hf_norm_forward(
+    op: str, cast: str | None, offset: float, eps_attr: str | None, eps: float | None
+) -> Callable[..., Tensor]:
+    """One forward per norm kind of the family table, shared by the modules that use it."""
+    if op == "rms_norm":
+        assert cast is not None and eps_attr is not None
+        return _hf_rms_norm_forward(cast, offset, eps_attr)
+
+    def forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+        weight = getattr(self, "weight", None)
+        if hidden_states.dtype not in _FLOATS or (
+            weight is not None and weight.dtype != hidden_states.dtype
+        ):
+            return type(self).forward(self, hidden_states)
+        return layer_norm(hidden_states, weight, None, getattr(self, eps_attr) if eps_attr else eps)
+
+    return forward
 
 
 def _torch_rms_norm_forward(self: nn.RMSNorm, x: Tensor) -> Tensor:
@@ -269,31 +286,33 @@ def _fused_rotary(original: Callable[..., Any]) -> Callable[..., tuple[Tensor, T
 
 _ROPE_NAME = "apply_rotary_pos_emb"
 _ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
-_rope_forwards: dict[Callable[..., Any], Callable[..., Any]] = {}
+_rope_forwards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
 
 
-def _rope_attention_forward(cls: type) -> tuple[Callable[..., Any] | None, str]:
-    """cls.forward rebuilt with `apply_rotary_pos_emb` bound to the fused rotary, or the reason
-    it cannot be. One function per class, shared by its instances."""
+def _rope_attention_forward(
+    cls: type, name: str = _ROPE_NAME
+) -> tuple[Callable[..., Any] | None, str]:
+    """cls.forward rebuilt with the rotary function `name` bound to the fused rotary, or the
+    reason it cannot be. One function per class, shared by its instances."""
     fn = cls.forward
     if inspect.unwrap(fn) is not fn:
         return None, "the attention forward is wrapped by a decorator"
-    if _ROPE_NAME not in fn.__code__.co_names:
-        return None, f"the attention forward does not call {_ROPE_NAME}"
-    original = fn.__globals__.get(_ROPE_NAME)
+    if name not in fn.__code__.co_names:
+        return None, f"the attention forward does not call {name}"
+    original = fn.__globals__.get(name)
     if not callable(original):
-        return None, f"{_ROPE_NAME} is not a function in {fn.__module__}"
+        return None, f"{name} is not a function in {fn.__module__}"
     if list(inspect.signature(original).parameters) != _ROPE_PARAMS:
-        return None, f"{_ROPE_NAME} has an unexpected signature"
-    if fn not in _rope_forwards:
+        return None, f"{name} has an unexpected signature"
+    if (fn, name) not in _rope_forwards:
         scope = dict(fn.__globals__)
-        scope[_ROPE_NAME] = _fused_rotary(original)
+        scope[name] = _fused_rotary(original)
         rebuilt = types.FunctionType(
             fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__
         )
         rebuilt.__kwdefaults__ = fn.__kwdefaults__
-        _rope_forwards[fn] = functools.update_wrapper(rebuilt, fn)
-    return _rope_forwards[fn], ""
+        _rope_forwards[fn, name] = functools.update_wrapper(rebuilt, fn)
+    return _rope_forwards[fn, name], ""
 
 
 # --- replacement forward: the causal-LM loss --------------------------------------------------
@@ -309,6 +328,7 @@ class _CausalLMSpec:
     softcap_attr: str | None  # config attribute of a final logit softcap (Gemma2)
     fuse_linear: bool  # linear_cross_entropy switch
     fuse_logits: bool  # cross_entropy switch
+    router_logits: bool = False  # HF's loss runs when router logits are requested (MoE)
 
 
 def _shifted_labels(labels: Tensor, ignore_index: int, shift_labels: Tensor | None) -> Tensor:
@@ -370,6 +390,15 @@ def _logits_loss(logits: Tensor, labels: Tensor, extra: dict[str, Any]) -> Tenso
     return _normalize(loss, num_items)
 
 
+def _router_logits_requested(model: nn.Module, call: dict[str, Any]) -> bool:
+    """Whether this call of an MoE head computes router logits, whose aux loss HF adds to the
+    loss (its own forward then runs: the patched loss would miss it)."""
+    want = call.get("output_router_logits")
+    if want is None:
+        want = getattr(model.config, "output_router_logits", False)
+    return bool(want)
+
+
 def _hf_loss_is_default(model: nn.Module) -> bool:
     """True when the model computes HF's ForCausalLMLoss (no custom loss_function)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
@@ -409,7 +438,7 @@ def _causal_lm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             raise TypeError(f"{type(self).__name__}.forward got multiple values for {name!r}")
         call[name] = value
     labels = call.get("labels")
-    if labels is None:
+    if labels is None or (spec.router_logits and _router_logits_requested(self, call)):
         return type(self).forward(self, *args, **kwargs)
     return_dict = call.pop("return_dict", None)
     if return_dict is None:
@@ -439,20 +468,137 @@ def _causal_lm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return out if return_dict else out.to_tuple()
 
 
-# --- recognizing modules ----------------------------------------------------------------------
+# --- recognizing modules: the family table --------------------------------------------------
 
-# Hugging Face families by the name of their transformers.models.<family> package: the class
-# name of each kind of module, the RMSNorm casting, and the final-logit softcap attribute.
-_HF_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"prefix": "Llama", "norm": "llama"},
-    "mistral": {"prefix": "Mistral", "norm": "llama"},
-    "qwen2": {"prefix": "Qwen2", "norm": "llama"},
-    "qwen3": {"prefix": "Qwen3", "norm": "llama"},
-    "gemma": {"prefix": "Gemma", "norm": "gemma"},
-    "gemma2": {"prefix": "Gemma2", "norm": "gemma", "softcap": "final_logit_softcapping"},
-    "phi3": {"prefix": "Phi3", "norm": "llama"},
-    "gpt2": {"prefix": "GPT2", "norm": None, "causal_lm": "GPT2LMHeadModel"},
+
+def _no_rope_when(attr: str, why: str) -> Callable[[nn.Module], str | None]:
+    """A per-layer check: the reason this attention layer applies no rotary, when `attr` of the
+    module is false."""
+
+    def check(module: nn.Module) -> str | None:
+        return None if getattr(module, attr, True) else why
+
+    return check
+
+
+def _exaone4_rope(module: nn.Module) -> str | None:
+    # Exaone 4 rotates only in its sliding-window layers when a window is configured
+    if getattr(module, "sliding_window", None) is None or getattr(module, "is_sliding", False):
+        return None
+    return "no rotary in this layer (a global-attention NoPE layer)"
+
+
+def _deepseek_rope(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    if getattr(config, "rope_interleave", False):
+        return "interleaved rotary (rope_interleave=True calls apply_rotary_pos_emb_interleave)"
+    return None
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """What `patch` knows of one Hugging Face decoder family (transformers.models.<package>):
+    the class name of each kind of module (prefix + suffix), how its norm rounds, where its
+    eps and activation live, which rotary function its attention calls, and what is left as
+    HF's code and why."""
+
+    package: str
+    prefix: str
+    # norm: "llama" (normalize in fp32, round to the input dtype, times w), "gemma" (fp32
+    # throughout, times 1 + w), "fp32-weight" (fp32 normalized times w, one rounding: OLMo 2/3),
+    # "layer_norm" (fp32 LayerNorm, optional weight, no bias: OLMo, Cohere) or None (no family
+    # norm: torch.nn.LayerNorm modules are swapped as in any model)
+    norm: str | None = "llama"
+    norm_suffixes: tuple[str, ...] = ("RMSNorm",)
+    eps_attr: str | None = "variance_epsilon"
+    eps: float | None = None  # the fixed eps of a norm without an eps attribute (OLMo)
+    mlp_suffixes: tuple[str, ...] = ("MLP",)
+    act_attr: str = "act_fn"
+    fused_gate_up: bool = False  # one gate_up_proj (Phi-3, GLM-4) instead of gate_proj, up_proj
+    attention_suffixes: tuple[str, ...] = ("Attention",)
+    rope: str = "apply_rotary_pos_emb"  # the rotary function the attention forward calls
+    rope_unsupported: str | None = None  # why the rotary stays HF's in every layer
+    rope_skip: Callable[[nn.Module], str | None] | None = None  # per layer: why no rotary there
+    experts_suffixes: tuple[str, ...] = ()  # MoE expert banks: left as HF's, reported
+    causal_lm: str | None = None  # class name of the causal-LM head (default <prefix>ForCausalLM)
+    softcap: str | None = None  # config attribute of a final logit softcap (Gemma2)
+    loss_unsupported: str | None = None  # why the loss stays HF's
+    router_aux_loss: bool = False  # HF adds a router aux loss when router logits are requested
+
+
+# norm kind -> the perfml op, its cast and its offset
+_NORMS: dict[str, tuple[str, str | None, float]] = {
+    "llama": ("rms_norm", "llama", 0.0),
+    "gemma": ("rms_norm", "gemma", 1.0),
+    # perfml's "gemma" cast is fp32 throughout with one rounding; offset 0 leaves w as it is
+    "fp32-weight": ("rms_norm", "gemma", 0.0),
+    "layer_norm": ("layer_norm", None, 0.0),
 }
+
+_MOE_EXPERTS = "MoE experts (3-D expert weights, routed tokens): no grouped kernel in perfml"
+_INTERLEAVED = "interleaved rotary (pairs 2i, 2i+1): perfml.ops.rope rotates halves"
+
+_FAMILY_TABLE: tuple[HFFamily, ...] = (
+    HFFamily("llama", "Llama"),
+    HFFamily("mistral", "Mistral"),
+    HFFamily("ministral", "Ministral"),
+    HFFamily("qwen2", "Qwen2"),
+    HFFamily("qwen3", "Qwen3"),
+    HFFamily("gemma", "Gemma", norm="gemma", eps_attr="eps"),
+    HFFamily("gemma2", "Gemma2", norm="gemma", eps_attr="eps", softcap="final_logit_softcapping"),
+    HFFamily("gemma3", "Gemma3", norm="gemma", eps_attr="eps", softcap="final_logit_softcapping"),
+    HFFamily("phi3", "Phi3", act_attr="activation_fn", fused_gate_up=True),
+    HFFamily("gpt2", "GPT2", norm=None, causal_lm="GPT2LMHeadModel"),
+    HFFamily(
+        "smollm3",
+        "SmolLM3",
+        rope_skip=_no_rope_when("use_rope", "no rotary in this layer (a NoPE layer)"),
+    ),
+    HFFamily(
+        "olmo", "Olmo", norm="layer_norm", norm_suffixes=("LayerNorm",), eps_attr=None, eps=1e-5
+    ),
+    HFFamily("olmo2", "Olmo2", norm="fp32-weight"),
+    HFFamily("olmo3", "Olmo3", norm="fp32-weight"),
+    HFFamily("stablelm", "StableLm", norm=None),
+    HFFamily("exaone4", "Exaone4", rope_skip=_exaone4_rope),
+    HFFamily("hunyuan_v1_dense", "HunYuanDenseV1"),
+    HFFamily("helium", "Helium"),
+    HFFamily("seed_oss", "SeedOss"),
+    HFFamily(
+        "granite",
+        "Granite",
+        loss_unsupported="logits_scaling unsupported (HF divides the logits by it)",
+    ),
+    HFFamily(
+        "cohere",
+        "Cohere",
+        norm="layer_norm",
+        norm_suffixes=("LayerNorm",),
+        rope_unsupported=_INTERLEAVED,
+        loss_unsupported="logit_scale unsupported (HF multiplies the logits by it)",
+    ),
+    HFFamily(
+        "glm4",
+        "Glm4",
+        act_attr="activation_fn",
+        fused_gate_up=True,
+        rope_unsupported=_INTERLEAVED + ", over a partial head",
+    ),
+    HFFamily("mixtral", "Mixtral", experts_suffixes=("Experts",), router_aux_loss=True),
+    HFFamily("qwen2_moe", "Qwen2Moe", experts_suffixes=("Experts",), router_aux_loss=True),
+    HFFamily("qwen3_moe", "Qwen3Moe", experts_suffixes=("Experts",), router_aux_loss=True),
+    HFFamily("olmoe", "Olmoe", experts_suffixes=("Experts",), router_aux_loss=True),
+    HFFamily("deepseek_v3", "DeepseekV3", experts_suffixes=("Experts",), rope_skip=_deepseek_rope),
+)
+
+
+# Hugging Face families by the name of their transformers.models.<family> package
+_HF_FAMILIES: dict[str, HFFamily] = {f.package: f for f in _FAMILY_TABLE}
+
+
+def families() -> tuple[HFFamily, ...]:
+    """The family table: every Hugging Face decoder family `patch` knows."""
+    return _FAMILY_TABLE
 
 
 def _hf_family(cls: type) -> str | None:
@@ -468,19 +614,21 @@ def _hf_family(cls: type) -> str | None:
 
 
 def _hf_role(cls: type, family: str) -> str | None:
-    """Which kind of module cls is within a known family: 'rms_norm', 'mlp', 'attention',
-    'causal_lm', or None."""
+    """Which kind of module cls is within a known family: 'norm', 'mlp', 'experts',
+    'attention', 'causal_lm', or None."""
     spec = _HF_FAMILIES[family]
-    p = spec["prefix"]
+    p = spec.prefix
     name = cls.__name__
-    if name == spec.get("causal_lm", f"{p}ForCausalLM"):
+    if name == (spec.causal_lm or f"{p}ForCausalLM"):
         return "causal_lm"
-    if spec["norm"] and name == f"{p}RMSNorm":
-        return "rms_norm"
-    if name == f"{p}MLP":
-        return "mlp"
-    if name == f"{p}Attention":
-        return "attention"
+    for role, suffixes in (
+        ("norm", spec.norm_suffixes if spec.norm else ()),
+        ("mlp", spec.mlp_suffixes),
+        ("experts", spec.experts_suffixes),
+        ("attention", spec.attention_suffixes),
+    ):
+        if any(name == p + suffix for suffix in suffixes):
+            return role
     return None
 
 
@@ -548,15 +696,18 @@ class _Patcher:
             self.hf_module(path, module, family)
 
     def hf_module(self, path: str, module: nn.Module, family: str) -> None:
+        spec = _HF_FAMILIES[family]
         role = _hf_role(type(module), family)
         if role == "causal_lm":
-            self.causal_lm(path, module, family)
-        elif role == "rms_norm":
-            self.hf_rms_norm(path, module, family)
+            self.causal_lm(path, module, spec)
+        elif role == "norm":
+            self.hf_norm(path, module, spec)
         elif role == "mlp":
-            self.mlp(path, module)
+            self.mlp(path, module, spec)
+        elif role == "experts":
+            self.leave(path, module, "swiglu", _MOE_EXPERTS)
         elif role == "attention":
-            self.attention(path, module)
+            self.attention(path, module, spec)
 
     def torch_norm(self, path: str, module: nn.Module, kind: str, forward: Callable) -> None:
         if not self.on[kind]:
@@ -566,26 +717,47 @@ class _Patcher:
         else:
             self.swap(path, module, (kind,), forward, f"torch.nn.{type(module).__name__}")
 
-    def hf_rms_norm(self, path: str, module: nn.Module, family: str) -> None:
-        gemma = _HF_FAMILIES[family]["norm"] == "gemma"
-        eps_attr = "eps" if gemma else "variance_epsilon"
+    def hf_norm(self, path: str, module: nn.Module, spec: HFFamily) -> None:
+        assert spec.norm is not None
+        op, cast, offset = _NORMS.get(spec.norm, ("rms_norm", spec.norm, 0.0))
         weight = getattr(module, "weight", None)
-        if not self.on["rms_norm"]:
-            self.leave(path, module, "rms_norm", "rms_norm=False")
+        eps = getattr(module, spec.eps_attr, None) if spec.eps_attr else spec.eps
+        if not self.on[op]:
+            self.leave(path, module, op, f"{op}=False")
+        elif op == "rms_norm" and cast not in _NORM_CASTS:
+            self.leave(path, module, op, f"norm not swapped: cast {spec.norm} unsupported")
+        elif weight is None and op == "layer_norm" and "weight" not in module._parameters:
+            # a LayerNorm without a learnable weight (OLMo)
+            if not isinstance(eps, float):
+                self.leave(path, module, op, f"no float {spec.eps_attr}")
+            else:
+                self.swap(
+                    path,
+                    module,
+                    (op,),
+                    _hf_norm_forward(op, cast, offset, spec.eps_attr, eps),
+                    "no weight, no bias",
+                )
         elif not isinstance(weight, nn.Parameter) or weight.dim() != 1:
-            self.leave(path, module, "rms_norm", "no 1-D weight")
-        elif not isinstance(getattr(module, eps_attr, None), float):
-            self.leave(path, module, "rms_norm", f"no float {eps_attr}")
-        elif gemma:
-            self.swap(path, module, ("rms_norm",), _GEMMA_RMS_NORM_FORWARD, "cast=gemma, offset=1")
+            self.leave(path, module, op, "no 1-D weight")
+        elif not isinstance(eps, float):
+            self.leave(path, module, op, f"no float {spec.eps_attr}")
         else:
-            self.swap(path, module, ("rms_norm",), _LLAMA_RMS_NORM_FORWARD, "cast=llama")
+            note = {
+                "llama": "cast=llama",
+                "gemma": "cast=gemma, offset=1",
+                "fp32-weight": "cast=gemma, offset=0 (fp32 times w, one rounding)",
+                "layer_norm": "no bias",
+            }.get(spec.norm, f"cast={cast}")
+            forward = _hf_norm_forward(op, cast, offset, spec.eps_attr, eps)
+            self.swap(path, module, (op,), forward, note)
 
-    def mlp(self, path: str, module: nn.Module) -> None:
-        fused = hasattr(module, "gate_up_proj")
-        act = getattr(module, "activation_fn" if fused else "act_fn", None)
+    def mlp(self, path: str, module: nn.Module, spec: HFFamily) -> None:
+        act = getattr(module, spec.act_attr, None)
         projections = (
-            ("gate_up_proj", "down_proj") if fused else ("gate_proj", "up_proj", "down_proj")
+            ("gate_up_proj", "down_proj")
+            if spec.fused_gate_up
+            else ("gate_proj", "up_proj", "down_proj")
         )
         glu = _glu_for(act) if isinstance(act, nn.Module) else None
         if not all(isinstance(getattr(module, p, None), nn.Module) for p in projections):
@@ -595,27 +767,33 @@ class _Patcher:
         elif glu is None:
             self.leave(path, module, "swiglu", f"no fused kernel for {type(act).__name__}")
         else:
-            make = _fused_gate_up_mlp_forward if fused else _gated_mlp_forward
+            make = _fused_gate_up_mlp_forward if spec.fused_gate_up else _gated_mlp_forward
             self.swap(path, module, ("swiglu",), make(glu[1]), glu[0])
 
-    def attention(self, path: str, module: nn.Module) -> None:
-        if _ROPE_NAME not in type(module).forward.__code__.co_names:
+    def attention(self, path: str, module: nn.Module, spec: HFFamily) -> None:
+        if spec.rope not in type(module).forward.__code__.co_names:
             return  # no rotary in this attention (GPT-2): nothing to report
+        why = spec.rope_unsupported or (spec.rope_skip(module) if spec.rope_skip else None)
+        if why:
+            self.leave(path, module, "rope", why)
+            return
         if not self.on["rope"]:
             self.leave(path, module, "rope", "rope=False")
             return
-        forward, why = _rope_attention_forward(type(module))
+        forward, why = _rope_attention_forward(type(module), spec.rope)
         if forward is None:
             self.leave(path, module, "rope", why)
         else:
-            self.swap(path, module, ("rope",), forward, f"{_ROPE_NAME} -> perfml.ops.rope")
+            self.swap(path, module, ("rope",), forward, f"{spec.rope} -> perfml.ops.rope")
 
-    def causal_lm(self, path: str, module: nn.Module, family: str) -> None:
+    def causal_lm(self, path: str, module: nn.Module, family: HFFamily) -> None:
         kinds = tuple(k for k in ("linear_cross_entropy", "cross_entropy") if self.on[k])
         for kind in ("linear_cross_entropy", "cross_entropy"):
             if not self.on[kind]:
                 self.leave(path, module, kind, f"{kind}=False")
-        if not kinds:
+            elif family.loss_unsupported:
+                self.leave(path, module, kind, f"loss not swapped: {family.loss_unsupported}")
+        if not kinds or family.loss_unsupported:
             return
         spec, why = _causal_lm_spec(module, family)
         if spec is None:
@@ -631,6 +809,11 @@ class _Patcher:
             "linear_cross_entropy": "labels given in training mode: no logits",
             "cross_entropy": "labels given with logits kept (eval mode, return_logits=True)",
         }
+        if family.router_aux_loss:
+            notes = {
+                k: v + "; HF's loss when router logits are requested (the aux loss joins it)"
+                for k, v in notes.items()
+            }
         before = len(self.report.replaced)
         self.swap(path, module, kinds, _causal_lm_forward_for(type(module)), "")
         if len(self.report.replaced) > before:
@@ -640,7 +823,7 @@ class _Patcher:
             ]
 
 
-def _causal_lm_spec(module: nn.Module, family: str) -> tuple[_CausalLMSpec | None, str]:
+def _causal_lm_spec(module: nn.Module, family: HFFamily) -> tuple[_CausalLMSpec | None, str]:
     """Checks that the head is what the patched forward expects; the reason when it is not."""
     params = inspect.signature(type(module).forward).parameters
     names = [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD][1:]
@@ -660,8 +843,8 @@ def _causal_lm_spec(module: nn.Module, family: str) -> tuple[_CausalLMSpec | Non
     fields = tuple(f.name for f in dataclasses.fields(output))
     if not {"loss", "logits"} <= set(fields):
         return None, "unexpected output type"
-    softcap = _HF_FAMILIES[family].get("softcap")
-    return _CausalLMSpec(tuple(names), output, fields, softcap, True, True), ""
+    router = family.router_aux_loss and "output_router_logits" in names
+    return _CausalLMSpec(tuple(names), output, fields, family.softcap, True, True, router), ""
 
 
 # --- public API -------------------------------------------------------------------------------
