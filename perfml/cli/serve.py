@@ -212,9 +212,14 @@ def run(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=max(5.0, args.drain_timeout),
         )
         server = DrainingServer(config)
-        server.run()
+        try:
+            server.run()
+        except SystemExit:  # uvicorn's answer to a startup failure, logged above
+            server.started = False
         if not server.started:
-            return 1
+            raise UsageError(
+                f"could not listen on {args.host}:{args.port} (uvicorn's error is above)"
+            )
     finally:
         for engine in started:
             engine.stop(drain=False, timeout=5.0)

@@ -42,3 +42,15 @@ def test_bad_paths_and_names(tmp_path, capsys, serve_run):
     argv = ["serve", str(serve_run), "--max-context", "1000", "--device", "cpu"]
     assert cli.main(argv) == 2
     assert "1000" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_a_usage_error(serve_run, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", str(serve_run), "--port", str(port), "--device", "cpu"]
+        assert cli.main(argv) == 2
+    assert f"could not listen on 127.0.0.1:{port}" in capsys.readouterr().err
