@@ -48,6 +48,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 NO_VARIANT = "none"  # the variant label of a request refused before it was routed
 CLIENT_CLOSED = 499  # the status recorded for a client that went away mid-request
 RETRY_AFTER_S = 1
+DECODE_WINDOW = 32  # ids decoded again per token at most (plus those of a split character)
 DISCONNECT_POLL_S = 0.05  # how often a non-streamed request checks that its client is still there
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -182,6 +183,8 @@ class Choice:
     def __init__(self, tokenizer: Any, stops: Sequence[str], stop_ids: Sequence[int]) -> None:
         self.tokenizer, self.stops, self.stop_ids = tokenizer, tuple(stops), set(stop_ids)
         self.ids: list[int] = []
+        self._done = 0  # ids[:_done] decode to _done_text, which ends on a whole character
+        self._done_text = ""
         self.tokens = 0  # completion tokens received
         self.text = ""  # the text given out so far
         self.finish_reason: str | None = None
@@ -204,15 +207,24 @@ class Choice:
         self.text = full[:end]
         return delta
 
+    def _decoded(self) -> str:
+        """decode(ids), decoding only the ids after the last whole-character point that is
+        DECODE_WINDOW ids old (the byte and byte-level BPE tokenizers decode piecewise)."""
+        tail = self.tokenizer.decode(self.ids[self._done :])
+        if len(self.ids) - self._done >= DECODE_WINDOW and not tail.endswith("\ufffd"):
+            self._done, self._done_text = len(self.ids), self._done_text + tail
+            return self._done_text
+        return self._done_text + tail
+
     def feed(self, token_id: int) -> str:
         self.tokens += 1
         if token_id in self.stop_ids:
             return ""
         self.ids.append(token_id)
-        return self._advance(self.tokenizer.decode(self.ids).rstrip("\ufffd"), final=False)
+        return self._advance(self._decoded().rstrip("\ufffd"), final=False)
 
     def finish(self, reason: str | None, error: str | None = None) -> str:
-        delta = self._advance(self.tokenizer.decode(self.ids), final=True) if self.ids else ""
+        delta = self._advance(self._decoded(), final=True) if self.ids else ""
         if self.finish_reason is None:
             self.finish_reason = reason
             self.error = error

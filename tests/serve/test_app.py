@@ -356,6 +356,12 @@ def test_choice_decodes_incrementally():
     deltas = [choice.feed(t) for t in TOK.encode(text)]
     assert "".join(deltas) + choice.finish("length") == text
     assert [d for d in deltas if d] == list(text)
+    # past the decode window: the same text as one decode of every id
+    ids = TOK.encode("aé€😀 b" * 40)
+    choice = Choice(TOK, stops=(), stop_ids=())
+    deltas = [choice.feed(t) for t in ids]
+    assert "".join(deltas) + choice.finish("length") == TOK.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
     # a final byte that never completes its character is flushed as U+FFFD at the end
     choice = Choice(TOK, stops=(), stop_ids=())
     deltas = [choice.feed(t) for t in TOK.encode("x€")[:-1]]
