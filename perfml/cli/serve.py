@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
                 if self.drain_task is not None:
                     self.force_exit = self.should_exit = True
                     return
-                loop = asyncio.get_event_loop()
+                loop = asyncio.get_running_loop()
                 self.drain_task = loop.create_task(self._drain())
 
             async def _drain(self) -> None:
