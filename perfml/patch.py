@@ -562,7 +562,7 @@ _FAMILY_TABLE: tuple[HFFamily, ...] = (
     HFFamily("stablelm", "StableLm", norm=None),
     HFFamily("exaone4", "Exaone4", rope_skip=_exaone4_rope),
     HFFamily("hunyuan_v1_dense", "HunYuanDenseV1"),
-    HFFamily("helium", "Helium"),
+    HFFamily("helium", "Helium", norm="fp32-weight", rope_unsupported=_INTERLEAVED),
     HFFamily("seed_oss", "SeedOss"),
     HFFamily(
         "granite",
@@ -838,6 +838,9 @@ def _causal_lm_spec(module: nn.Module, family: HFFamily) -> tuple[_CausalLMSpec 
     if missing and not takes_any:
         return None, f"the base model takes no {', '.join(missing)}"
     output = inspect.signature(type(module).forward).return_annotation
+    if isinstance(output, types.UnionType):  # `tuple | CausalLMOutputWithPast` (GLM-4)
+        members = [t for t in output.__args__ if dataclasses.is_dataclass(t)]
+        output = members[0] if len(members) == 1 else None
     if not dataclasses.is_dataclass(output):
         return None, "unexpected output type"
     fields = tuple(f.name for f in dataclasses.fields(output))

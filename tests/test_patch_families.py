@@ -1,0 +1,304 @@
+"""perfml.patch over the whole family table: one tiny random model per Hugging Face family.
+
+Each case (fp32 on CPU, the default CPU path: interpret mode off, so the ops run their C++ or
+ATen paths) checks that the patched model's loss, eval logits and every parameter gradient match
+the unpatched one; that every component the report lists as swapped really runs a perfml op
+during the forward (the ops are wrapped with counters) and none it lists as left does; that
+greedy generation agrees; and that unpatch restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import functools
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import perfml
+
+patch_module = importlib.import_module("perfml.patch")  # the module, not the function
+
+transformers = pytest.importorskip("transformers")
+
+V, B, T = 128, 2, 12
+_SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=V,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=128)
+
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", {"head_dim": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "sliding_window": 8, "final_logit_softcapping": 0.5},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 16, "sliding_window": 8, "final_logit_softcapping": 0.5},
+    ),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e4,
+                "partial_rotary_factor": 0.5,
+            }
+        },
+    ),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
+    # layer 1 is a NoPE layer
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {"sliding_window": 8}),
+    "stablelm": (
+        "StableLmConfig",
+        "StableLmForCausalLM",
+        {"qk_layernorm": True, "hidden_dropout": 0.0},
+    ),
+    # the full-attention layer of a sliding-window model applies no rotary
+    "exaone4": (
+        "Exaone4Config",
+        "Exaone4ForCausalLM",
+        {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", {"head_dim": 16}),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", {"head_dim": 16}),
+    "seed_oss": (
+        "SeedOssConfig",
+        "SeedOssForCausalLM",
+        {"head_dim": 16, "attention_dropout": 0.0, "residual_dropout": 0.0},
+    ),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 2.0}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {"head_dim": 16}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, **_MOE}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {"num_experts": 4, "shared_expert_intermediate_size": 128, **_MOE},
+    ),
+    # layer 0 keeps a dense MLP
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "mlp_only_layers": [0], "head_dim": 16, **_MOE},
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, **_MOE}),
+    # MLA attention, layer 0 dense, one shared expert
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            n_routed_experts=4,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            num_key_value_heads=4,
+            **_MOE,
+        ),
+    ),
+}
+
+# the perfml functions perfml.patch calls, and the report kind each one serves
+OPS = {
+    "rms_norm": "rms_norm",
+    "layer_norm": "layer_norm",
+    "swiglu": "swiglu",
+    "geglu": "swiglu",
+    "rope": "rope",
+    "linear_cross_entropy": "linear_cross_entropy",
+    "cross_entropy": "cross_entropy",
+}
+_NORM_KINDS = {"rms_norm", "layer_norm"}
+_LOSS_KINDS = {"linear_cross_entropy", "cross_entropy"}
+
+
+@pytest.fixture(autouse=True)
+def _default_cpu_path(monkeypatch):
+    # the ops' default CPU path (C++ / ATen), not the Triton interpreter the root conftest sets
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls into the perfml ops, by report kind."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def counted(kind, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            counts[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name, kind in OPS.items():
+        monkeypatch.setattr(patch_module, name, counted(kind, getattr(patch_module, name)))
+    return counts
+
+
+def tiny(family: str) -> nn.Module:
+    config_name, model_name, kwargs = CASES[family]
+    config = getattr(transformers, config_name)(
+        **({} if family == "gpt2" else _SMALL)
+        | ({"vocab_size": V} if family == "gpt2" else {})
+        | kwargs
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # zero or one initialized norm weights would hide an offset or a cast
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, V, (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels
+
+
+def _expected_calls(report: perfml.PatchReport) -> collections.Counter[str]:
+    """Calls of one forward with labels in training mode: one per swapped norm, MLP and
+    attention module, and the one fused loss."""
+    want = collections.Counter(e.kind for e in report.replaced if e.kind not in _LOSS_KINDS)
+    if any(e.kind == "linear_cross_entropy" for e in report.replaced):
+        want["linear_cross_entropy"] = 1
+    return want
+
+
+def test_the_table_is_covered_and_installed():
+    packages = [f.package for f in patch_module.families()]
+    assert len(packages) == len(set(packages))
+    assert set(packages) == set(CASES)
+    for family in patch_module.families():
+        config_name, model_name, _ = CASES[family.package]
+        cls = getattr(transformers, model_name)
+        assert cls.__module__ == f"transformers.models.{family.package}.modeling_{family.package}"
+        assert cls.__name__ == (family.causal_lm or f"{family.prefix}ForCausalLM")
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_family(family, calls):
+    model = tiny(family)
+    base = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, labels = batch()
+    with torch.no_grad():
+        base.eval()
+        want_eval = base(ids, labels=labels)
+
+    report = perfml.patch(model)
+    assert report.architectures == [f"{family} ({type(model).__name__})"]
+    kinds = {e.kind for e in report.replaced} | {e.kind for e in report.left}
+    assert kinds & _NORM_KINDS, "norms neither swapped nor reported"
+    assert "swiglu" in kinds, "MLP / experts neither swapped nor reported"
+    assert _LOSS_KINDS <= kinds, "loss neither swapped nor reported"
+    if family != "gpt2":  # GPT-2's positions are learned: no rotary to report
+        assert "rope" in kinds, "rope neither swapped nor reported"
+    for entry in report.left:
+        assert entry.note, f"{entry.path} left without a reason"
+    spec = patch_module._HF_FAMILIES[family]
+    if spec.loss_unsupported:
+        assert not kinds & {e.kind for e in report.replaced} & _LOSS_KINDS
+    if spec.rope_unsupported:
+        assert "rope" not in {e.kind for e in report.replaced}
+
+    # training mode with labels: loss and every gradient; each swapped module runs its op
+    model.train(), base.train()
+    calls.clear()
+    got = model(ids, labels=labels)
+    assert calls == _expected_calls(report), str(report)
+    want = base(ids, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-4)
+    got.loss.backward()
+    want.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), base.parameters(), strict=True):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        scale = q.grad.abs().max().clamp_min(1e-12)
+        err = (p.grad - q.grad).abs().max() / scale
+        assert err < 1e-3, f"{name}: gradient off by {err:.2e} of its max"
+
+    # eval mode: the logits and the loss from them
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        got_eval = model(ids, labels=labels)
+    swapped_ce = any(e.kind == "cross_entropy" for e in report.replaced)
+    assert calls["cross_entropy"] == int(swapped_ce)
+    assert calls["linear_cross_entropy"] == 0
+    torch.testing.assert_close(got_eval.logits, want_eval.logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got_eval.loss, want_eval.loss, rtol=0, atol=1e-4)
+
+    if spec.router_aux_loss:  # the router's aux loss joins HF's loss unchanged
+        with torch.no_grad():
+            got_moe = model(ids, labels=labels, output_router_logits=True)
+            want_moe = base(ids, labels=labels, output_router_logits=True)
+        assert got_moe.aux_loss is not None
+        torch.testing.assert_close(got_moe.aux_loss, want_moe.aux_loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_moe.loss, want_moe.loss, rtol=0, atol=1e-4)
+
+    # greedy generation with the KV cache
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, **kw), base.generate(prompt, **kw))
+
+    # unpatch: the state and the forward exactly as before patching
+    swapped = {e.path for e in report.replaced}
+    assert perfml.unpatch(model) == len(swapped)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=labels).logits, want_eval.logits)
+    assert not calls
