@@ -7,6 +7,19 @@ head_dim - rotary_dim features pass through unchanged (partial rotary, as in GPT
 Layouts follow HF: unsqueeze_dim=1 takes q, k as [B, H, T, D], unsqueeze_dim=2 as [B, T, H, D];
 k may have fewer heads (GQA); cos/sin are [B or 1, T, rotary_dim].
 
+Interleaved (interleaved=True; GPT-J, GLM, Cohere): the pairs (x[2i], x[2i+1]) rotate by angle
+i instead of the halves (x[i], x[i + R/2]):
+
+    q_embed = q * cos + rotate_pairs(q) * sin,   rotate_pairs(x)[2i] = -x[2i+1], [2i+1] = x[2i]
+
+cos/sin keep one value per feature (width D, or rotary_dim with partial rotary: the first
+rotary_dim features rotate, the rest pass through): HF's Cohere tables (repeat_interleave of the
+frequencies) go in unchanged; GLM's cat(freqs, freqs) tables become per feature with
+cos[..., :R // 2].repeat_interleave(2, dim=-1), the line GLM's own apply_rotary_pos_emb runs.
+Because half-width tables of one angle per pair are common for interleaved RoPE, a table narrower
+than D is taken for partial rotary only when rotary_dim declares it. The kernel reads the even and
+odd features as two stride-2 loads; the rest is the same code.
+
 position_ids (deprecated in HF, accepted here with one precise meaning): when given, cos and sin
 are tables of P rows, [P, rotary_dim] or [1, P, rotary_dim], and token (b, t) uses row
 position_ids[b, t] (position_ids is [B or 1, T], int32/int64, values in [0, P)). That is the old
@@ -56,6 +69,16 @@ def _rotate_half_transposed(x: Tensor) -> Tensor:
     return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
 
 
+def _rotate_pairs(x: Tensor) -> Tensor:
+    # GPT-J: each pair (x[2i], x[2i+1]) -> (-x[2i+1], x[2i])
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _rotate_pairs_transposed(x: Tensor) -> Tensor:
+    # the adjoint of rotate_pairs: (y[2i], y[2i+1]) -> (y[2i+1], -y[2i])
+    return torch.stack((x[..., 1::2], -x[..., 0::2]), dim=-1).flatten(-2)
+
+
 def _per_token_ref(
     table: Tensor, position_ids: Tensor | None, unsqueeze_dim: int, compute: torch.dtype
 ) -> Tensor:
@@ -67,14 +90,17 @@ def _per_token_ref(
     return table.to(compute).unsqueeze(unsqueeze_dim)
 
 
-def _rotate_ref(x: Tensor, cos: Tensor, sin: Tensor, transpose: bool) -> Tensor:
+def _rotate_ref(
+    x: Tensor, cos: Tensor, sin: Tensor, transpose: bool, interleaved: bool = False
+) -> Tensor:
     r = cos.shape[-1]
     xf = x.to(cos.dtype)
     rot, rest = xf[..., :r], xf[..., r:]
     if transpose:
-        y = rot * cos + _rotate_half_transposed(rot * sin)
+        adjoint = _rotate_pairs_transposed if interleaved else _rotate_half_transposed
+        y = rot * cos + adjoint(rot * sin)
     else:
-        y = rot * cos + _rotate_half(rot) * sin
+        y = rot * cos + (_rotate_pairs if interleaved else _rotate_half)(rot) * sin
     return torch.cat((y, rest), dim=-1).to(x.dtype)
 
 
@@ -86,11 +112,15 @@ def _rope_apply_ref(
     position_ids: Tensor | None,
     unsqueeze_dim: int,
     transpose: bool,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
     compute = torch.promote_types(q.dtype, torch.float32)
     c = _per_token_ref(cos, position_ids, unsqueeze_dim, compute)
     s = _per_token_ref(sin, position_ids, unsqueeze_dim, compute)
-    return _rotate_ref(q, c, s, transpose), _rotate_ref(k, c, s, transpose)
+    return (
+        _rotate_ref(q, c, s, transpose, interleaved),
+        _rotate_ref(k, c, s, transpose, interleaved),
+    )
 
 
 def rope_ref(
@@ -100,10 +130,18 @@ def rope_ref(
     sin: Tensor,
     position_ids: Tensor | None = None,
     unsqueeze_dim: int = 1,
+    *,
+    interleaved: bool = False,
+    rotary_dim: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Plain-PyTorch RoPE: the definition of correct (fp32 math, or fp64 for fp64 inputs; outputs
-    in q's dtype). Differentiable in q, k, cos and sin."""
-    return _rope_apply_ref(q, k, cos, sin, position_ids, unsqueeze_dim, transpose=False)
+    in q's dtype). Differentiable in q, k, cos and sin. interleaved=True rotates the pairs
+    (x[2i], x[2i+1]) (rotate_pairs) instead of the halves, with the same per-feature cos/sin;
+    the table width follows the same rule as rope() (see rotary_dim there)."""
+    _check_width(q.shape[-1], cos.shape[-1], interleaved, rotary_dim)
+    return _rope_apply_ref(
+        q, k, cos, sin, position_ids, unsqueeze_dim, transpose=False, interleaved=interleaved
+    )
 
 
 def _rope_aten(
@@ -113,24 +151,27 @@ def _rope_aten(
     sin: Tensor,
     position_ids: Tensor | None,
     unsqueeze_dim: int,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The CPU path without a C++ kernel: HF's rotate-half formula (cat / mul) in fp32, autograd
-    by ATen (rope() refuses cos / sin that require grad, as on the other paths)."""
+    """The CPU path without a C++ kernel: HF's formula (rotate-half with cat, or rotate-pairs with
+    stack, then mul) in fp32, autograd by ATen (rope() refuses cos / sin that require grad, as on
+    the other paths)."""
     if position_ids is not None:
         _check_positions(position_ids, cos.shape[-2])
     c = _per_token_ref(cos, position_ids, unsqueeze_dim, torch.float32)
     s = _per_token_ref(sin, position_ids, unsqueeze_dim, torch.float32)
-    return _rotate_aten(q, c, s), _rotate_aten(k, c, s)
+    rotate = _rotate_pairs if interleaved else _rotate_half
+    return _rotate_aten(q, c, s, rotate), _rotate_aten(k, c, s, rotate)
 
 
-def _rotate_aten(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _rotate_aten(x: Tensor, cos: Tensor, sin: Tensor, rotate=_rotate_half) -> Tensor:
     # unlike the reference, no split and re-cat of the features when all of them rotate
     r = cos.shape[-1]
     xf = x if x.dtype == torch.float32 else x.float()
     if r == x.shape[-1]:
-        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+        return (xf * cos + rotate(xf) * sin).to(x.dtype)
     rot = xf[..., :r]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, xf[..., r:]), dim=-1).to(x.dtype)
+    return torch.cat((rot * cos + rotate(rot) * sin, xf[..., r:]), dim=-1).to(x.dtype)
 
 
 # --- 2. Triton kernels -----------------------------------------------------------------------
@@ -148,26 +189,34 @@ if _backend.has_triton():
         x_head_stride,
         y_head_stride,
         tok_mask,  # [BLOCK_T]
-        c1,  # [BLOCK_T, 1, BLOCK_HALF] fp32: cos of the first half of the rotary features
-        c2,  # cos of the second half
+        c1,  # [BLOCK_T, 1, BLOCK_HALF] fp32: cos of the first feature of each rotated pair
+        c2,  # cos of the second feature
         s1,
         s2,
         H: tl.constexpr,
         HALF: tl.constexpr,
         N_PASS: tl.constexpr,
         TRANSPOSE: tl.constexpr,
+        INTERLEAVED: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         BLOCK_PASS: tl.constexpr,
     ):
-        d = tl.arange(0, BLOCK_HALF)[None, None, :]
+        # pair i is (i, i + HALF) (rotate-half) or (2i, 2i + 1) (interleaved, GPT-J)
+        i = tl.arange(0, BLOCK_HALF)[None, None, :]
+        if INTERLEAVED:
+            d = 2 * i
+            second = 1
+        else:
+            d = i
+            second = HALF
         for h0 in tl.static_range(0, H, BLOCK_H):
             h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)[None, :, None]
-            mask = tok_mask[:, None, None] & (h < H) & (d < HALF)
+            mask = tok_mask[:, None, None] & (h < H) & (i < HALF)
             x_off = x_tok[:, None, None] + h * x_head_stride + d
             y_off = y_tok[:, None, None] + h * y_head_stride + d
             x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(X + x_off + second, mask=mask, other=0.0).to(tl.float32)
             if TRANSPOSE:  # dx = dy * cos + rotate_half^T(dy * sin)
                 y1 = x1 * c1 + x2 * s2
                 y2 = x2 * c2 - x1 * s1
@@ -175,7 +224,7 @@ if _backend.has_triton():
                 y1 = x1 * c1 - x2 * s1
                 y2 = x2 * c2 + x1 * s2
             tl.store(Y + y_off, y1.to(Y.dtype.element_ty), mask=mask)
-            tl.store(Y + y_off + HALF, y2.to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + y_off + second, y2.to(Y.dtype.element_ty), mask=mask)
             if N_PASS > 0:  # partial rotary: the features past rotary_dim are copied unchanged
                 p = tl.arange(0, BLOCK_PASS)[None, None, :]
                 p_mask = tok_mask[:, None, None] & (h < H) & (p < N_PASS)
@@ -218,6 +267,7 @@ if _backend.has_triton():
         N_PASS: tl.constexpr,  # head_dim - rotary_dim
         HAS_POS: tl.constexpr,
         TRANSPOSE: tl.constexpr,
+        INTERLEAVED: tl.constexpr,  # pairs (2i, 2i + 1) instead of (i, i + HALF)
         BLOCK_T: tl.constexpr,
         BLOCK_HQ: tl.constexpr,
         BLOCK_HK: tl.constexpr,
@@ -235,15 +285,22 @@ if _backend.has_triton():
         else:
             cos_tok = b * cos_sb + t * cos_st
             sin_tok = b * sin_sb + t * sin_st
-        # cos/sin of these tokens, read once and shared by every head of q and k
-        d = tl.arange(0, BLOCK_HALF)[None, :]
-        cs_mask = tok_mask[:, None] & (d < HALF)
+        # cos/sin of these tokens, read once and shared by every head of q and k; the tables are
+        # per feature, so their pairs are laid out as q's: (i, i + HALF) or (2i, 2i + 1)
+        i = tl.arange(0, BLOCK_HALF)[None, :]
+        if INTERLEAVED:
+            d = 2 * i
+            second = 1
+        else:
+            d = i
+            second = HALF
+        cs_mask = tok_mask[:, None] & (i < HALF)
         cos_off = cos_tok[:, None] + d
         sin_off = sin_tok[:, None] + d
         c1 = tl.load(COS + cos_off, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-        c2 = tl.load(COS + cos_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+        c2 = tl.load(COS + cos_off + second, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
         s1 = tl.load(SIN + sin_off, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
-        s2 = tl.load(SIN + sin_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
+        s2 = tl.load(SIN + sin_off + second, mask=cs_mask, other=0.0).to(tl.float32)[:, None, :]
         _rope_heads(
             Q,
             QO,
@@ -260,6 +317,7 @@ if _backend.has_triton():
             HALF,
             N_PASS,
             TRANSPOSE,
+            INTERLEAVED,
             BLOCK_HQ,
             BLOCK_HALF,
             BLOCK_PASS,
@@ -280,6 +338,7 @@ if _backend.has_triton():
             HALF,
             N_PASS,
             TRANSPOSE,
+            INTERLEAVED,
             BLOCK_HK,
             BLOCK_HALF,
             BLOCK_PASS,
@@ -337,6 +396,7 @@ def _rope_triton(
     position_ids: Tensor | None,
     unsqueeze_dim: int,
     transpose: bool,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
     q_out, k_out = _out_like(q), _out_like(k)
     hq, t = _heads_tokens(q, unsqueeze_dim)
@@ -405,6 +465,7 @@ def _rope_triton(
         N_PASS=d - r,
         HAS_POS=position_ids is not None,
         TRANSPOSE=transpose,
+        INTERLEAVED=interleaved,
         **cfg,
     )
     return q_out, k_out
@@ -418,12 +479,15 @@ def _rope_dispatch(
     position_ids: Tensor | None,
     unsqueeze_dim: int,
     transpose: bool,
+    interleaved: bool,
 ) -> tuple[Tensor, Tensor]:
     if position_ids is not None:
         _check_positions(position_ids, cos.shape[-2])
     if _backend.select("rope", q.device) == "triton":
-        return _rope_triton(q, k, cos, sin, position_ids, unsqueeze_dim, transpose)
-    q_ref, k_ref = _rope_apply_ref(q, k, cos, sin, position_ids, unsqueeze_dim, transpose)
+        return _rope_triton(q, k, cos, sin, position_ids, unsqueeze_dim, transpose, interleaved)
+    q_ref, k_ref = _rope_apply_ref(
+        q, k, cos, sin, position_ids, unsqueeze_dim, transpose, interleaved
+    )
     # the same output layout as the Triton path and the fake kernel
     return _out_like(q).copy_(q_ref), _out_like(k).copy_(k_ref)
 
@@ -431,15 +495,25 @@ def _rope_dispatch(
 # --- 4. torch.library registration -----------------------------------------------------------
 
 
+# interleaved is the last argument, with a default: graphs of the rotate-half form keep their
+# six-argument calls (the ONNX translation and the roofline read those)
 @torch.library.custom_op("perfml::rope_fwd", mutates_args=())
 def _rope_fwd_op(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None, unsqueeze_dim: int
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    position_ids: Tensor | None,
+    unsqueeze_dim: int,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    return _rope_dispatch(q, k, cos, sin, position_ids, unsqueeze_dim, transpose=False)
+    return _rope_dispatch(
+        q, k, cos, sin, position_ids, unsqueeze_dim, transpose=False, interleaved=interleaved
+    )
 
 
 @_rope_fwd_op.register_fake
-def _(q, k, cos, sin, position_ids, unsqueeze_dim):
+def _(q, k, cos, sin, position_ids, unsqueeze_dim, interleaved=False):
     return _out_like(q), _out_like(k)
 
 
@@ -451,19 +525,23 @@ def _rope_bwd_op(
     sin: Tensor,
     position_ids: Tensor | None,
     unsqueeze_dim: int,
+    interleaved: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    return _rope_dispatch(dq, dk, cos, sin, position_ids, unsqueeze_dim, transpose=True)
+    return _rope_dispatch(
+        dq, dk, cos, sin, position_ids, unsqueeze_dim, transpose=True, interleaved=interleaved
+    )
 
 
 @_rope_bwd_op.register_fake
-def _(dq, dk, cos, sin, position_ids, unsqueeze_dim):
+def _(dq, dk, cos, sin, position_ids, unsqueeze_dim, interleaved=False):
     return _out_like(dq), _out_like(dk)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, cos, sin, position_ids, unsqueeze_dim = inputs
+    q, k, cos, sin, position_ids, unsqueeze_dim = inputs[:6]
     ctx.save_for_backward(cos, sin, position_ids)
     ctx.unsqueeze_dim = unsqueeze_dim
+    ctx.interleaved = bool(inputs[6]) if len(inputs) > 6 else False
     # as in eager PyTorch, an output whose input needs no gradient does not require one
     ctx.mark_non_differentiable(
         *(out for out, x in zip(output, (q, k), strict=True) if not x.requires_grad)
@@ -472,10 +550,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq_embed, dk_embed):
     cos, sin, position_ids = ctx.saved_tensors
-    dq, dk = torch.ops.perfml.rope_bwd(
-        dq_embed, dk_embed, cos, sin, position_ids, ctx.unsqueeze_dim
-    )
-    return dq, dk, None, None, None, None
+    args = (dq_embed, dk_embed, cos, sin, position_ids, ctx.unsqueeze_dim)
+    if ctx.interleaved:
+        dq, dk = torch.ops.perfml.rope_bwd(*args, True)
+    else:
+        dq, dk = torch.ops.perfml.rope_bwd(*args)
+    return dq, dk, None, None, None, None, None
 
 
 _rope_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -486,6 +566,47 @@ _rope_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _layout(unsqueeze_dim: int) -> str:
     return "[B, H, T, D]" if unsqueeze_dim == 1 else "[B, T, H, D]"
+
+
+def _check_width(d: int, r: int, interleaved: bool, rotary_dim: int | None) -> None:
+    """The table width against the declared layout: rotate-half reads rotary_dim from the width
+    (the HF convention); interleaved takes width head_dim unless rotary_dim declares a partial
+    rotary, since a width of half the head is ambiguous there (half-width tables of one angle per
+    pair are common for interleaved RoPE)."""
+    if rotary_dim is not None:
+        if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
+            raise TypeError(f"rope: rotary_dim must be an int or None, got {rotary_dim!r}")
+        if rotary_dim % 2 or not 2 <= rotary_dim <= d:
+            raise ValueError(
+                f"rope: rotary_dim must be even and in 2..head_dim={d}, got {rotary_dim}"
+            )
+    if not interleaved:
+        if rotary_dim is not None and r != rotary_dim:
+            raise ValueError(
+                f"rope: cos/sin have width {r} but rotary_dim={rotary_dim} was declared; the "
+                "tables are [.., rotary_dim], one value per rotated feature"
+            )
+        return
+    want = d if rotary_dim is None else rotary_dim
+    if r == want:
+        return
+    declared = (
+        f"rotary_dim={rotary_dim} (declared)"
+        if rotary_dim is not None
+        else f"head_dim={d} (full rotary; pass rotary_dim=R for partial rotary over the first R "
+        "features)"
+    )
+    hint = ""
+    if 2 * r == want:
+        hint = (
+            "; a table of one angle per pair must be repeated per feature first: "
+            "cos[..., :R // 2].repeat_interleave(2, dim=-1) for cat(freqs, freqs) tables, "
+            "cos.repeat_interleave(2, dim=-1) for half-width ones"
+        )
+    raise ValueError(
+        f"rope: interleaved=True takes cos/sin with one value per feature, width {declared}, "
+        f"got width {r}{hint}"
+    )
 
 
 def _check_tables(
@@ -543,8 +664,17 @@ def _check_tables(
 
 
 def _check(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Tensor | None, unsqueeze_dim: int
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    position_ids: Tensor | None,
+    unsqueeze_dim: int,
+    interleaved: bool = False,
+    rotary_dim: int | None = None,
 ) -> None:
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rope: interleaved must be a bool, got {interleaved!r}")
     if unsqueeze_dim not in (1, 2):
         raise ValueError(
             "rope: unsqueeze_dim must be 1 (q, k as [B, H, T, D]) or 2 (q, k as [B, T, H, D]), "
@@ -578,6 +708,7 @@ def _check(
     if d > MAX_HEAD_DIM:
         raise ValueError(f"rope: head_dim must be at most {MAX_HEAD_DIM}, got {d}")
     _check_tables(q, cos, sin, position_ids, b, t)
+    _check_width(d, cos.shape[-1], interleaved, rotary_dim)
 
 
 def rope(
@@ -587,6 +718,9 @@ def rope(
     sin: Tensor,
     position_ids: Tensor | None = None,
     unsqueeze_dim: int = 1,
+    *,
+    interleaved: bool = False,
+    rotary_dim: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused rotary embedding of q and k (HF `apply_rotary_pos_emb`), differentiable in q and k.
 
@@ -594,10 +728,28 @@ def rope(
     (unsqueeze_dim=2); cos, sin: [B or 1, T, R] with R = rotary_dim <= D, even (features past R
     pass through). With position_ids ([B or 1, T] ints), cos and sin are [P, R] or [1, P, R]
     tables and token (b, t) uses row position_ids[b, t]. Returns (q_embed, k_embed) in q's dtype.
+
+    interleaved=True (GPT-J / GLM / Cohere): the pairs (x[2i], x[2i+1]) rotate instead of the
+    halves, y = x * cos + rotate_pairs(x) * sin with rotate_pairs(x)[2i] = -x[2i+1],
+    rotate_pairs(x)[2i+1] = x[2i]. cos/sin keep one value per feature (HF models repeat each
+    pair's angle: cos[..., 2i] == cos[..., 2i+1], as Cohere's repeat_interleave tables), of
+    width D, or of width rotary_dim when partial rotary is declared by passing rotary_dim.
+    rotary_dim (optional) states the rotary width; a table of another width is an error.
     """
-    _check(q, k, cos, sin, position_ids, unsqueeze_dim)
+    _check(q, k, cos, sin, position_ids, unsqueeze_dim, interleaved, rotary_dim)
     if q.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
-        return rope_ref(q, k, cos, sin, position_ids, unsqueeze_dim)
+        return rope_ref(
+            q,
+            k,
+            cos,
+            sin,
+            position_ids,
+            unsqueeze_dim,
+            interleaved=interleaved,
+            rotary_dim=rotary_dim,
+        )
     if _backend.select("rope", q.device) == "aten":
-        return _rope_aten(q, k, cos, sin, position_ids, unsqueeze_dim)
+        return _rope_aten(q, k, cos, sin, position_ids, unsqueeze_dim, interleaved)
+    if interleaved:
+        return torch.ops.perfml.rope_fwd(q, k, cos, sin, position_ids, unsqueeze_dim, True)
     return torch.ops.perfml.rope_fwd(q, k, cos, sin, position_ids, unsqueeze_dim)

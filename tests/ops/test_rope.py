@@ -464,3 +464,156 @@ def test_aten_path_matches_float64_reference(dtype, dims, layout, positions):
         q_embed, k_embed = rope(q.detach().requires_grad_(), k, cos, sin, **kw)
         assert "CatBackward0" in _autograd_names(q_embed) and not k_embed.requires_grad
         _check_against_reference(q, k, cos, sin, **kw)
+
+
+# --- interleaved (GPT-J pairs) ---------------------------------------------------------------
+
+
+def _make_cos_sin_pairs(batch, t, r, dtype=torch.float32):
+    """Random per-feature tables whose two entries of a pair differ: the general definition (and
+    the true transpose in the backward), not only HF's repeated-angle tables."""
+    return _make_cos_sin(batch, t, r, dtype)
+
+
+INTERLEAVED_CASES = [
+    # (B, Hq, Hk, T, D, rotary_dim, cos batch, layout, positions)
+    ((2, 4, 2, 7, 16, 16, 1), "hf", False),  # GQA, HF's transposed q/k
+    ((3, 5, 5, 4, 80, 48, 3), "fused-qkv", False),  # partial rotary, non-contiguous q/k
+    ((2, 4, 1, 9, 32, 24, 1), "bthd", True),  # partial rotary with position_ids
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dims,layout,positions", INTERLEAVED_CASES, ids=lambda v: str(v))
+def test_interleaved_matches_float64_reference(dims, layout, positions, dtype, poison_empty):
+    b, hq, hk, t, d, r, cos_batch = dims
+    q, k, unsqueeze_dim = _make_qk(b, hq, hk, t, d, dtype, layout)
+    kw = {"unsqueeze_dim": unsqueeze_dim, "interleaved": True}
+    if positions:
+        cos, sin = _make_cos_sin_pairs(1, 3 * t, r, dtype)
+        kw["position_ids"] = torch.randint(0, 3 * t, (b, t), device=DEVICE)
+    else:
+        cos, sin = _make_cos_sin_pairs(cos_batch, t, r, dtype)
+    got = _check_against_reference(q, k, cos, sin, rotary_dim=r, **kw)
+    assert torch.equal(got[0][..., r:], q[..., r:]) and torch.equal(got[1][..., r:], k[..., r:])
+    # not the rotate-half result: the flag reaches the kernel
+    plain = rope(q, k, cos, sin, kw.get("position_ids"), unsqueeze_dim)
+    assert not torch.allclose(plain[0].float(), got[0].float(), atol=1e-2)
+
+
+def test_interleaved_reference_is_rotate_half_of_the_deinterleaved_features():
+    # the definition, checked against a second one: rotating the pairs (2i, 2i + 1) is rotating
+    # the halves after moving the even features first and the odd ones second
+    q, k, _ = _make_qk(2, 3, 1, 5, 12, torch.float64, "contiguous")
+    cos, sin = _make_cos_sin_pairs(1, 5, 12, torch.float64)
+    perm = torch.cat((torch.arange(0, 12, 2), torch.arange(1, 12, 2))).to(DEVICE)
+    inverse = torch.argsort(perm)
+    got = rope_ref(q, k, cos, sin, interleaved=True)
+    want = rope_ref(q[..., perm], k[..., perm], cos[..., perm], sin[..., perm])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w[..., inverse], rtol=1e-12, atol=1e-12)
+
+
+def _hf_freqs(t, r, base=10000.0):
+    pos = torch.arange(t, device=DEVICE)[None].float()
+    inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, device=DEVICE).float() / r))
+    return pos[..., None] * inv_freq  # [1, T, R / 2]
+
+
+def _hf_interleaved(family):
+    """(HF's apply function, its cos/sin construction from the frequencies, how perfml.ops.rope is
+    called with those tables, rotary_dim of a 64-wide head)."""
+    if family == "glm":  # GLM and GLM-4: cat(freqs, freqs) tables, partial_rotary_factor 0.5
+        mod = pytest.importorskip("transformers.models.glm.modeling_glm")
+
+        def ours(q, k, cos, sin):
+            r = cos.shape[-1]
+            per_feature = [c[..., : r // 2].repeat_interleave(2, dim=-1) for c in (cos, sin)]
+            return rope(q, k, *per_feature, interleaved=True, rotary_dim=r)
+
+        return mod.apply_rotary_pos_emb, lambda f: torch.cat((f, f), dim=-1), ours, 32
+    mod = pytest.importorskip("transformers.models.cohere.modeling_cohere")
+
+    def ours(q, k, cos, sin):  # Cohere's tables go in unchanged
+        return rope(q, k, cos, sin, interleaved=True)
+
+    return mod.apply_rotary_pos_emb, lambda f: f.repeat_interleave(2, dim=-1), ours, 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", ["glm", "cohere"])
+def test_interleaved_matches_transformers(family, dtype):
+    hf_apply, tables, ours, r = _hf_interleaved(family)
+    q, k, _ = _make_qk(2, 8, 2, 17, 64, dtype, "hf")
+    emb = tables(_hf_freqs(17, r))
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)  # HF's rotary returns them in x's dtype
+    got = ours(q, k, cos, sin)
+    want = hf_apply(q.double(), k.double(), cos.double(), sin.double())
+    base = hf_apply(q, k, cos, sin)
+    for name, g, w, b in zip(("q_embed", "k_embed"), got, want, base, strict=True):
+        assert g.dtype == dtype
+        assert_matches_reference(g, w, b, name=f"{family} {name}")
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, b, rtol=1e-6, atol=1e-6)
+
+
+def test_interleaved_matches_deepseek_v3_up_to_its_output_order():
+    # DeepSeek-V3 rotates the same pairs but writes the even results first, the odd ones second
+    mod = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    q, k, _ = _make_qk(2, 4, 1, 9, 16, torch.float32, "hf")
+    emb = _hf_freqs(9, 16)
+    emb = torch.cat((emb, emb), dim=-1)  # DeepSeek's cat(freqs, freqs)
+    cos, sin = emb.cos(), emb.sin()
+    want = mod.apply_rotary_pos_emb_interleave(q, k, cos, sin)
+    per_feature = [c[..., :8].repeat_interleave(2, dim=-1) for c in (cos, sin)]
+    got = rope(q, k, *per_feature, interleaved=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.cat((g[..., 0::2], g[..., 1::2]), -1), w)
+
+
+def test_interleaved_aten_path_matches_float64_reference():
+    q, k, _ = _make_qk(2, 4, 2, 6, 24, torch.bfloat16, "fused-qkv")
+    cos, sin = _make_cos_sin_pairs(1, 20, 16)
+    pos = torch.randint(0, 20, (2, 6), device=DEVICE)
+    kw = {"position_ids": pos, "interleaved": True, "rotary_dim": 16}
+    with _backend.force("aten"):
+        q_embed, _ = rope(q.detach().requires_grad_(), k, cos, sin, **kw)
+        assert "StackBackward0" in _autograd_names(q_embed)
+        _check_against_reference(q, k, cos, sin, **kw)
+
+
+def test_interleaved_has_no_cpp_path():
+    with _backend.force("cpp"), pytest.raises(RuntimeError, match="no C\\+\\+ CPU kernel"):
+        q, k, _ = _make_qk(1, 2, 1, 3, 8, torch.float32, "hf")
+        cos, sin = _make_cos_sin_pairs(1, 3, 8)
+        rope(q.cpu(), k.cpu(), cos.cpu(), sin.cpu(), interleaved=True)
+
+
+@pytest.mark.parametrize(
+    "width,kw,message",
+    [
+        (8, {"interleaved": True}, r"width head_dim=16 \(full rotary.*got width 8; a table of one"),
+        (12, {"interleaved": True}, "width head_dim=16 .*got width 12$"),
+        (8, {"interleaved": True, "rotary_dim": 12}, r"rotary_dim=12 \(declared\), got width 8"),
+        (8, {"rotary_dim": 12}, "cos/sin have width 8 but rotary_dim=12 was declared"),
+        (8, {"interleaved": True, "rotary_dim": 7}, "rotary_dim must be even"),
+        (8, {"interleaved": True, "rotary_dim": 8.0}, "rotary_dim must be an int or None"),
+        (16, {"interleaved": 1}, "interleaved must be a bool"),
+    ],
+)
+def test_interleaved_bad_table_width(width, kw, message):
+    q, k, cos, sin = _good()  # head_dim 16
+    with pytest.raises((TypeError, ValueError), match=message):
+        rope(q, k, cos[..., :width], sin[..., :width], **kw)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_opcheck_interleaved(backend):
+    q, k, _ = _make_qk(2, 4, 2, 5, 16, torch.float32, "hf")
+    cos, sin = _make_cos_sin_pairs(1, 20, 12)
+    pos = torch.randint(0, 20, (2, 5), device=DEVICE)
+    with _backend.force(backend):
+        args = (q.requires_grad_(), k.requires_grad_(), cos, sin, pos, 1, True)
+        torch.library.opcheck(torch.ops.perfml.rope_fwd.default, args)
+        dq, dk = torch.randn_like(q), torch.randn_like(k)
+        torch.library.opcheck(torch.ops.perfml.rope_bwd.default, (dq, dk, cos, sin, pos, 1, True))
