@@ -61,6 +61,7 @@ class CrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        logit_scale: float = 1.0,
         inplace_backward: bool = False,
     ) -> None:
         super().__init__()
@@ -68,12 +69,21 @@ class CrossEntropyLoss(nn.Module):
             raise ValueError(
                 "CrossEntropyLoss: class weights are not supported; use torch.nn.CrossEntropyLoss"
             )
-        check_options("CrossEntropyLoss", ignore_index, reduction, label_smoothing, z_loss, softcap)
+        check_options(
+            "CrossEntropyLoss",
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss,
+            softcap,
+            logit_scale,
+        )
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.logit_scale = logit_scale
         self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -86,6 +96,7 @@ class CrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            logit_scale=self.logit_scale,
             inplace_backward=self.inplace_backward,
         )
 
@@ -93,7 +104,8 @@ class CrossEntropyLoss(nn.Module):
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"softcap={self.softcap}, inplace_backward={self.inplace_backward}"
+            f"softcap={self.softcap}, logit_scale={self.logit_scale}, "
+            f"inplace_backward={self.inplace_backward}"
         )
 
 
@@ -108,12 +120,19 @@ class LinearCrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
+        logit_scale: float = 1.0,
         chunk_size: int | None = None,
         fp32_accumulation: bool = True,
     ) -> None:
         super().__init__()
         check_options(
-            "LinearCrossEntropyLoss", ignore_index, reduction, label_smoothing, z_loss, softcap
+            "LinearCrossEntropyLoss",
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss,
+            softcap,
+            logit_scale,
         )
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(
@@ -124,6 +143,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.logit_scale = logit_scale
         self.chunk_size = chunk_size
         self.fp32_accumulation = fp32_accumulation
 
@@ -140,6 +160,7 @@ class LinearCrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            logit_scale=self.logit_scale,
             chunk_size=self.chunk_size,
             fp32_accumulation=self.fp32_accumulation,
         )
@@ -148,6 +169,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"softcap={self.softcap}, chunk_size={self.chunk_size}, "
+            f"softcap={self.softcap}, logit_scale={self.logit_scale}, "
+            f"chunk_size={self.chunk_size}, "
             f"fp32_accumulation={self.fp32_accumulation}"
         )

@@ -1,10 +1,13 @@
 """Cross-entropy over a vocabulary: one pass that yields the loss and the gradient together.
 
 loss_i = (1 - eps) * (lse_i - x_i[t_i]) + eps * (lse_i - mean_j x_ij) + z_loss * lse_i**2
-where x = softcap * tanh(logits / softcap) when softcap is set (else the logits), lse_i the
-logsumexp of row i, t_i its target and eps the label smoothing: torch.nn.functional.cross_entropy
-exactly where it is defined (label smoothing, ignore_index, all three reductions, the all-ignored
-batch: mean -> nan, sum -> 0), plus z_loss and softcap. Math in fp32 whatever the logits dtype;
+where x = softcap * tanh(s / softcap) when softcap is set (else s), s = logit_scale * logits,
+lse_i the logsumexp of row i, t_i its target and eps the label smoothing:
+torch.nn.functional.cross_entropy exactly where it is defined (label smoothing, ignore_index, all
+three reductions, the all-ignored batch: mean -> nan, sum -> 0), plus z_loss, softcap and
+logit_scale (the scaled LM heads: Cohere multiplies the logits by its logit_scale, Granite divides
+them by its logits_scaling, i.e. logit_scale = 1 / logits_scaling). The kernel multiplies each
+logit by logit_scale as it loads it, and folds the factor into the gradient's per-row scale. Math in fp32 whatever the logits dtype;
 the loss comes back in the logits dtype (as F.cross_entropy's does), the gradient too.
 
 The kernel: one program per row. The first loop over the vocab in tiles keeps an online
@@ -68,6 +71,10 @@ def _softcap_ref(x: Tensor, softcap: float | None) -> Tensor:
     return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
+def _scaled(x: Tensor, logit_scale: float) -> Tensor:
+    return x if logit_scale == 1.0 else x * logit_scale
+
+
 def _reduce(
     loss_rows: Tensor, count: Tensor, reduction: str, shape: torch.Size, dtype: torch.dtype
 ) -> Tensor:
@@ -91,13 +98,16 @@ def cross_entropy_ref(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """Plain-PyTorch cross-entropy (fp32 math, fp64 for fp64 logits): the definition of correct.
 
-    logits [..., V], target [...]; differentiable through autograd.
+    logits [..., V], target [...]; differentiable through autograd. The logits are multiplied by
+    logit_scale first (in the compute dtype), then softcapped.
     """
     v = logits.shape[-1]
-    x = _softcap_ref(logits.reshape(-1, v).to(_compute_dtype(logits)), softcap)
+    x = logits.reshape(-1, v).to(_compute_dtype(logits))
+    x = _softcap_ref(_scaled(x, logit_scale), softcap)
     t = target.reshape(-1).long()
     valid = t != ignore_index
     lse = torch.logsumexp(x, dim=-1)
@@ -118,14 +128,15 @@ def _cross_entropy_aten(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
 ) -> Tensor:
     """The CPU path without a C++ kernel: F.cross_entropy in fp32 (bf16/fp16 logits upcast: in
     their own dtype ATen rounds the log-probabilities, and its gradient is several ulps off),
-    softcap and z_loss as extra ATen ops, autograd by ATen."""
+    logit_scale, softcap and z_loss as extra ATen ops, autograd by ATen."""
     v = logits.shape[-1]
     x = logits.reshape(-1, v)
     x = x if x.dtype == torch.float32 else x.float()
-    x = _softcap_ref(x, softcap)
+    x = _softcap_ref(_scaled(x, logit_scale), softcap)
     t = target.reshape(-1).long()
     check_targets(t, v, ignore_index, "cross_entropy")
     if not z_loss:
@@ -151,12 +162,13 @@ def _ce_rows_ref(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float = 1.0,
 ) -> None:
     """The kernel's contract in plain PyTorch: per-row losses into loss_out and, when grad_out is
     given, d(loss_i)/d(logits_i) * scale (one value or one per row) into grad_out (may be x2)."""
     v = x2.shape[1]
     compute = _compute_dtype(x2)
-    x = _softcap_ref(x2.to(compute), softcap)
+    x = _softcap_ref(_scaled(x2.to(compute), logit_scale), softcap)
     t = t.long()
     valid = t != ignore_index
     in_range = (t >= 0) & (t < v)
@@ -182,7 +194,7 @@ def _ce_rows_ref(
     if softcap is not None:
         g.mul_(1 - (x / softcap).square())
     row_scale = scale.to(compute).expand(t.shape[0]) if scale.numel() == 1 else scale.to(compute)
-    g.mul_(torch.where(valid, row_scale, 0.0).unsqueeze(1))
+    g.mul_(torch.where(valid, row_scale * logit_scale, 0.0).unsqueeze(1))
     if g is not grad_out:
         grad_out.copy_(g)
 
@@ -217,6 +229,7 @@ if _backend.has_triton():
         label_smoothing,
         z_loss,
         softcap,
+        logit_scale,  # every logit is multiplied by it on load (before the softcap)
         HAS_SOFTCAP: tl.constexpr,
         HAS_SMOOTHING: tl.constexpr,
         HAS_Z_LOSS: tl.constexpr,
@@ -242,6 +255,7 @@ if _backend.has_triton():
                 cols = i * BLOCK_V + tl.arange(0, BLOCK_V)
                 mask = cols < V
                 x = tl.load(LOGITS + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = x * logit_scale  # logit_scale > 0: the -inf padding stays -inf
                 if HAS_SOFTCAP:
                     x = tl.where(mask, _softcap_tile(x, softcap), float("-inf"))
                 m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -254,6 +268,7 @@ if _backend.has_triton():
             lse = m + tl.log(d)
             in_range = (target >= 0) & (target < V)
             x_t = tl.load(LOGITS + target, mask=in_range, other=0.0).to(tl.float32)
+            x_t = x_t * logit_scale
             if HAS_SOFTCAP:
                 x_t = _softcap_tile(x_t, softcap)
             loss = lse - x_t
@@ -263,7 +278,8 @@ if _backend.has_triton():
                 loss += z_loss * lse * lse
             tl.store(LOSS + row, tl.where(in_range, loss, float("nan")))
             if COMPUTE_GRAD:
-                scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
+                # d(scaled logit)/d(logit) = logit_scale, folded into the row's scale
+                scale = tl.load(SCALE + row * scale_stride).to(tl.float32) * logit_scale
                 coef = scale
                 if HAS_Z_LOSS:
                     coef = scale * (1.0 + 2.0 * z_loss * lse)
@@ -273,6 +289,7 @@ if _backend.has_triton():
                     cols = (num_tiles - 1 - j) * BLOCK_V + tl.arange(0, BLOCK_V)
                     mask = cols < V
                     x = tl.load(LOGITS + cols, mask=mask, other=0.0).to(tl.float32)
+                    x = x * logit_scale
                     if HAS_SOFTCAP:
                         x = _softcap_tile(x, softcap)
                     g = tl.exp(x - lse) * coef
@@ -332,6 +349,7 @@ def _ce_rows_triton(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float = 1.0,
 ) -> None:
     n, v = x2.shape
     if n == 0:
@@ -357,6 +375,7 @@ def _ce_rows_triton(
         label_smoothing,
         z_loss,
         softcap if softcap is not None else 1.0,
+        float(logit_scale),
         HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing != 0.0,
         HAS_Z_LOSS=z_loss != 0.0,
@@ -375,24 +394,26 @@ def ce_rows(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float = 1.0,
     op: str = "cross_entropy",
 ) -> None:
     """Per-row losses of x2 [N, V] (unit column stride) into loss_out [N] fp32 and, if grad_out
     [N, V] is given (it may be x2 itself), the gradient times `scale` (a 1-element fp32 tensor, or
     [N]) into it. Shared with linear_cross_entropy, which calls it on each chunk of logits."""
     path = _backend.select(op, x2.device)
-    if path == "triton":
-        _ce_rows_triton(
-            x2, t, loss_out, grad_out, scale, ignore_index, label_smoothing, z_loss, softcap
-        )
-    elif path == "aten":
-        _ce_rows_aten(
-            x2, t, loss_out, grad_out, scale, ignore_index, label_smoothing, z_loss, softcap
-        )
-    else:
-        _ce_rows_ref(
-            x2, t, loss_out, grad_out, scale, ignore_index, label_smoothing, z_loss, softcap
-        )
+    impl = {"triton": _ce_rows_triton, "aten": _ce_rows_aten}.get(path, _ce_rows_ref)
+    impl(
+        x2,
+        t,
+        loss_out,
+        grad_out,
+        scale,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+    )
 
 
 def check_targets(t: Tensor, v: int, ignore_index: int, op: str) -> None:
@@ -434,13 +455,16 @@ def _cross_entropy_fwd_impl(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
 ) -> Tensor:
     x2 = rows(logits)
     t = target.reshape(-1)
     check_targets(t, x2.shape[1], ignore_index, "cross_entropy")
     loss_rows = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
     scale, count = grad_scale(t, ignore_index, reduction)
-    ce_rows(x2, t, loss_rows, grad, scale, ignore_index, label_smoothing, z_loss, softcap)
+    ce_rows(
+        x2, t, loss_rows, grad, scale, ignore_index, label_smoothing, z_loss, softcap, logit_scale
+    )
     return _reduce(loss_rows, count, reduction, target.shape, logits.dtype)
 
 
@@ -488,13 +512,14 @@ def _cross_entropy_fwd_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """(loss, gradient of the loss w.r.t. the logits as [N, V], or an empty tensor)."""
     n, v = target.numel(), logits.shape[-1]
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device) if compute_grad else None
     loss = _cross_entropy_fwd_impl(
-        logits, target, grad, ignore_index, reduction, label_smoothing, z_loss, softcap
+        logits, target, grad, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     )
     return loss, grad if grad is not None else logits.new_empty(0)
 
@@ -504,7 +529,17 @@ def _loss_shape(target: Tensor, reduction: str) -> tuple[int, ...]:
 
 
 @_cross_entropy_fwd_op.register_fake
-def _(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad):
+def _(
+    logits,
+    target,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    compute_grad,
+):
     loss = logits.new_empty(_loss_shape(target, reduction))
     grad = logits.new_empty((target.numel(), logits.shape[-1]) if compute_grad else (0,))
     return loss, grad
@@ -519,6 +554,7 @@ def _cross_entropy_fwd_inplace_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
 ) -> Tensor:
     """The loss; the gradient w.r.t. the logits overwrites the (contiguous) logits."""
     return _cross_entropy_fwd_impl(
@@ -530,11 +566,12 @@ def _cross_entropy_fwd_inplace_op(
         label_smoothing,
         z_loss,
         softcap,
+        logit_scale,
     )
 
 
 @_cross_entropy_fwd_inplace_op.register_fake
-def _(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _(logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale):
     return logits.new_empty(_loss_shape(target, reduction))
 
 
@@ -547,6 +584,7 @@ def _cross_entropy_bwd_none(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
 ) -> None:
     """reduction="none": the gradient recomputed from the logits with each row's upstream
     gradient folded into the kernel's scale (one rounding, where scaling a stored low-precision
@@ -554,7 +592,18 @@ def _cross_entropy_bwd_none(
     x2, t = rows(logits), target.reshape(-1)
     row_scale = dloss.reshape(-1).to(torch.float32).contiguous()
     loss_rows = torch.empty(t.shape[0], dtype=torch.float32, device=logits.device)
-    ce_rows(x2, t, loss_rows, grad, row_scale, ignore_index, label_smoothing, z_loss, softcap)
+    ce_rows(
+        x2,
+        t,
+        loss_rows,
+        grad,
+        row_scale,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+    )
 
 
 @torch.library.custom_op("perfml::cross_entropy_bwd", mutates_args=())
@@ -566,16 +615,17 @@ def _cross_entropy_bwd_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
 ) -> Tensor:
     grad = torch.empty((target.numel(), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
     _cross_entropy_bwd_none(
-        dloss, logits, target, grad, ignore_index, label_smoothing, z_loss, softcap
+        dloss, logits, target, grad, ignore_index, label_smoothing, z_loss, softcap, logit_scale
     )
     return grad
 
 
 @_cross_entropy_bwd_op.register_fake
-def _(dloss, logits, target, ignore_index, label_smoothing, z_loss, softcap):
+def _(dloss, logits, target, ignore_index, label_smoothing, z_loss, softcap, logit_scale):
     return logits.new_empty((target.numel(), logits.shape[-1]))
 
 
@@ -588,6 +638,7 @@ def _cross_entropy_bwd_inplace_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
 ) -> None:
     _cross_entropy_bwd_none(
         dloss,
@@ -598,11 +649,12 @@ def _cross_entropy_bwd_inplace_op(
         label_smoothing,
         z_loss,
         softcap,
+        logit_scale,
     )
 
 
 @_cross_entropy_bwd_inplace_op.register_fake
-def _(dloss, logits, target, ignore_index, label_smoothing, z_loss, softcap):
+def _(dloss, logits, target, ignore_index, label_smoothing, z_loss, softcap, logit_scale):
     return None
 
 
@@ -629,9 +681,9 @@ def _(grad, scale, dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad = inputs
+    logits, target, ignore_index, reduction, *options, compute_grad = inputs
     ctx.reduction = reduction
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+    ctx.options = (ignore_index, *options)  # label_smoothing, z_loss, softcap, logit_scale
     ctx.logits_shape = logits.shape
     ctx.recompute = reduction == "none" or not compute_grad
     if ctx.recompute:
@@ -655,7 +707,7 @@ def row_upstream(dloss: Tensor, target: Tensor, reduction: str, ignore_index: in
 
 def _backward(ctx, dloss, _dgrad):
     if dloss is None:  # the loss took no part in what was differentiated
-        return (None,) * 8
+        return (None,) * 9
     if ctx.recompute:
         logits, target = ctx.saved_tensors
         if ctx.reduction != "none":
@@ -664,7 +716,7 @@ def _backward(ctx, dloss, _dgrad):
     else:
         (grad,) = ctx.saved_tensors
         torch.ops.perfml.loss_grad_scale_(grad, dloss)
-    return grad.view(ctx.logits_shape), None, None, None, None, None, None, None
+    return grad.view(ctx.logits_shape), *([None] * 8)
 
 
 _cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -676,16 +728,17 @@ class _CrossEntropyInplace(torch.autograd.Function):
     gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    def forward(ctx, logits, target, ignore_index, reduction, *options):
+        # options: label_smoothing, z_loss, softcap, logit_scale
         ctx.reduction = reduction
-        ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+        ctx.options = (ignore_index, *options)
         if reduction == "none":
             ctx.save_for_backward(logits, target)
             return torch.ops.perfml.cross_entropy_fwd(
-                logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap, False
+                logits, target, ignore_index, reduction, *options, False
             )[0]
         loss = torch.ops.perfml.cross_entropy_fwd_inplace(
-            logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap
+            logits, target, ignore_index, reduction, *options
         )
         ctx.save_for_backward(logits)
         return loss
@@ -698,7 +751,7 @@ class _CrossEntropyInplace(torch.autograd.Function):
         else:
             (logits,) = ctx.saved_tensors
             torch.ops.perfml.loss_grad_scale_(logits, dloss)
-        return logits, None, None, None, None, None, None
+        return logits, *([None] * 7)
 
 
 # --- 5. public API ---------------------------------------------------------------------------
@@ -711,6 +764,7 @@ def check_options(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float = 1.0,
 ) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -722,6 +776,10 @@ def check_options(
         raise ValueError(f"{op}: z_loss must be finite and >= 0, got {z_loss}")
     if softcap is not None and not 0.0 < softcap < float("inf"):
         raise ValueError(f"{op}: softcap must be None or a finite value > 0, got {softcap}")
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+        raise TypeError(f"{op}: logit_scale must be a float, got {type(logit_scale).__name__}")
+    if not 0.0 < logit_scale < float("inf"):
+        raise ValueError(f"{op}: logit_scale must be finite and > 0, got {logit_scale}")
 
 
 def check_target(
@@ -768,20 +826,26 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     inplace_backward: bool = False,
 ) -> Tensor:
     """Fused cross-entropy of logits [..., V] against class indices target [...] (int64/int32).
 
     Same result as F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), ...) for the
     options it has; z_loss adds z_loss * logsumexp**2 per non-ignored token, softcap replaces the
-    logits by softcap * tanh(logits / softcap) first. reduction "none" returns target's shape
+    logits by softcap * tanh(logits / softcap) first. logit_scale (finite, > 0) multiplies the
+    logits before everything else, softcap included: cross_entropy(x * s, t) without the [N, V]
+    product (Cohere: its logit_scale; Granite: 1 / logits_scaling). reduction "none" returns target's shape
     (0 at ignored tokens). inplace_backward=True writes the gradient over the logits (see the
     module docstring for when that is unsafe).
     """
     _check(logits, target)
-    check_options("cross_entropy", ignore_index, reduction, label_smoothing, z_loss, softcap)
+    check_options(
+        "cross_entropy", ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
+    )
     opts = (int(ignore_index), reduction, float(label_smoothing), float(z_loss))
     softcap = float(softcap) if softcap is not None else None
+    logit_scale = float(logit_scale)
     if logits.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         check_targets(target.reshape(-1), logits.shape[-1], ignore_index, "cross_entropy")
         return cross_entropy_ref(
@@ -792,6 +856,7 @@ def cross_entropy(
             label_smoothing=opts[2],
             z_loss=opts[3],
             softcap=softcap,
+            logit_scale=logit_scale,
         )
     compute_grad = logits.requires_grad and torch.is_grad_enabled()
     if inplace_backward and compute_grad:
@@ -805,12 +870,14 @@ def cross_entropy(
                 "cross_entropy: inplace_backward=True needs contiguous logits (the gradient is "
                 "written over them); call .contiguous() or use inplace_backward=False"
             )
-        return _CrossEntropyInplace.apply(logits, target, *opts, softcap)
+        return _CrossEntropyInplace.apply(logits, target, *opts, softcap, logit_scale)
     if _backend.select("cross_entropy", logits.device) == "aten":
-        return _cross_entropy_aten(logits, target, *opts, softcap)
+        return _cross_entropy_aten(logits, target, *opts, softcap, logit_scale)
     # "none" computes its gradient in the backward, where each row's upstream gradient is known
     precompute = compute_grad and reduction != "none"
-    return torch.ops.perfml.cross_entropy_fwd(logits, target, *opts, softcap, precompute)[0]
+    return torch.ops.perfml.cross_entropy_fwd(
+        logits, target, *opts, softcap, logit_scale, precompute
+    )[0]
 
 
 def _ce_rows_aten(
@@ -823,6 +890,7 @@ def _ce_rows_aten(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float = 1.0,
 ) -> None:
     """ce_rows on the aten path: the reference's contract from one fused log_softmax per row
     instead of torch.logsumexp (max, subtract, exp, sum, log as separate passes), and the
@@ -830,7 +898,7 @@ def _ce_rows_aten(
     for z_loss."""
     v = x2.shape[1]
     x = x2 if x2.dtype == torch.float32 else x2.float()
-    x = _softcap_ref(x, softcap)
+    x = _softcap_ref(_scaled(x, logit_scale), softcap)
     t = t.long()
     valid = t != ignore_index
     in_range = (t >= 0) & (t < v)
@@ -856,5 +924,5 @@ def _ce_rows_aten(
     if softcap is not None:
         g.mul_(1 - (x / softcap).square())
     row_scale = scale.float().expand(t.shape[0]) if scale.numel() == 1 else scale.float()
-    g.mul_(torch.where(valid, row_scale, 0.0).unsqueeze(1))
+    g.mul_(torch.where(valid, row_scale * logit_scale, 0.0).unsqueeze(1))
     grad_out.copy_(g)

@@ -1,7 +1,8 @@
 """Linear + cross-entropy (an LM head and its loss) without the [tokens, vocab] logits.
 
 loss = cross_entropy(hidden @ weight.T + bias, target, ...) with every option of
-perfml.ops.cross_entropy. The tokens are processed in chunks: for each chunk the logits come from
+perfml.ops.cross_entropy (logit_scale included: it multiplies the chunk's logits inside the
+cross-entropy kernel, so the matmuls are those of the unscaled head). The tokens are processed in chunks: for each chunk the logits come from
 one cuBLAS (or CPU BLAS) matmul into a reused [chunk, V] buffer, the fused cross-entropy kernel
 turns them into the loss and, in place, the gradient w.r.t. the logits, and two more matmuls turn
 that into the chunk's rows of grad_hidden and its term of grad_weight. So the forward computes
@@ -65,6 +66,7 @@ def linear_cross_entropy_ref(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """Plain PyTorch: the full logits in the input dtype, then cross_entropy_ref (fp32 math)."""
     return cross_entropy_ref(
@@ -75,6 +77,7 @@ def linear_cross_entropy_ref(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
+        logit_scale=logit_scale,
     )
 
 
@@ -138,6 +141,7 @@ def _run_chunks(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
     chunk_size: int,
     fp32_accumulation: bool,
     *,
@@ -194,6 +198,7 @@ def _run_chunks(
             label_smoothing,
             z_loss,
             softcap,
+            logit_scale,
             op="linear_cross_entropy",
         )
         if need_h:
@@ -224,6 +229,7 @@ def _lce_fwd_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
     chunk_size: int,
     fp32_accumulation: bool,
     need_h: bool,
@@ -241,6 +247,7 @@ def _lce_fwd_op(
         label_smoothing,
         z_loss,
         softcap,
+        logit_scale,
         chunk_size,
         fp32_accumulation,
         mean=reduction == "mean",
@@ -284,6 +291,7 @@ def _(
     label_smoothing,
     z_loss,
     softcap,
+    logit_scale,
     chunk_size,
     fp32_accumulation,
     need_h,
@@ -305,6 +313,7 @@ def _lce_bwd_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    logit_scale: float,
     chunk_size: int,
     fp32_accumulation: bool,
     need_h: bool,
@@ -323,6 +332,7 @@ def _lce_bwd_op(
         label_smoothing,
         z_loss,
         softcap,
+        logit_scale,
         chunk_size,
         fp32_accumulation,
         mean=False,
@@ -349,6 +359,7 @@ def _(
     label_smoothing,
     z_loss,
     softcap,
+    logit_scale,
     chunk_size,
     fp32_accumulation,
     need_h,
@@ -364,11 +375,11 @@ def _(
 def _setup_context(ctx, inputs, output):
     hidden, weight, target, bias, ignore_index, reduction, *opts = inputs
     ctx.reduction = reduction
-    ctx.options = (ignore_index, *opts[:5])  # label_smoothing .. fp32_accumulation
+    ctx.options = (ignore_index, *opts[:6])  # label_smoothing .. fp32_accumulation
     ctx.hidden_dtype = hidden.dtype
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    stored = opts[5:]  # need_h, need_w, need_b: what the forward computed
+    stored = opts[6:]  # need_h, need_w, need_b: what the forward computed
     wanted = [ctx.needs_input_grad[i] for i in (0, 1, 3)]
     ctx.recompute = reduction == "none" or any(
         w and not s for w, s in zip(wanted, stored, strict=True)
@@ -394,7 +405,7 @@ def _scale(grad: Tensor, dloss: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _backward(ctx, dloss, _gh, _gw, _gb):
     if dloss is None:  # the loss took no part in what was differentiated
-        return (None,) * 14
+        return (None,) * 15
     need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
     if ctx.recompute:
         hidden, weight, target, bias = ctx.saved_tensors
@@ -416,7 +427,7 @@ def _backward(ctx, dloss, _gh, _gw, _gb):
         gw if need_w else None,
         None,
         gb if need_b else None,
-        *([None] * 10),
+        *([None] * 11),
     )
 
 
@@ -474,21 +485,32 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    logit_scale: float = 1.0,
     chunk_size: int | None = None,
     fp32_accumulation: bool = True,
 ) -> Tensor:
     """cross_entropy(hidden @ weight.T + bias, target, ...) without materializing the logits.
 
     hidden [..., H], weight [V, H], bias [V] or None (one dtype, one device), target [...] int64
-    or int32. Options as perfml.ops.cross_entropy; chunk_size (tokens per chunk, default from a
+    or int32. Options as perfml.ops.cross_entropy (logit_scale multiplies the logits before the
+    softcap and everything else); chunk_size (tokens per chunk, default from a
     256 MiB fp32 budget) and fp32_accumulation as in the module docstring.
     """
     _check(hidden, weight, target, bias)
-    check_options("linear_cross_entropy", ignore_index, reduction, label_smoothing, z_loss, softcap)
+    check_options(
+        "linear_cross_entropy",
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+    )
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
         raise ValueError(f"linear_cross_entropy: chunk_size must be None or >= 1, got {chunk_size}")
     opts = (int(ignore_index), reduction, float(label_smoothing), float(z_loss))
     softcap = float(softcap) if softcap is not None else None
+    logit_scale = float(logit_scale)
     if hidden.dtype == torch.float64:  # no kernel computes in fp64: the reference is exact there
         check_targets(target.reshape(-1), weight.shape[0], ignore_index, "linear_cross_entropy")
         return linear_cross_entropy_ref(
@@ -501,6 +523,7 @@ def linear_cross_entropy(
             label_smoothing=opts[2],
             z_loss=opts[3],
             softcap=softcap,
+            logit_scale=logit_scale,
         )
     grad_on = torch.is_grad_enabled()
     need = (
@@ -517,6 +540,7 @@ def linear_cross_entropy(
         bias,
         *opts,
         softcap,
+        logit_scale,
         int(chunk_size or 0),
         bool(fp32_accumulation),
         *need,

@@ -240,7 +240,7 @@ def test_empty_batch():
 def test_no_gradient_buffer_without_grad():
     logits, target = _inputs((3, 64), torch.float32)
     _, grad = torch.ops.perfml.cross_entropy_fwd(
-        logits, target, -100, "mean", 0.0, 0.0, None, False
+        logits, target, -100, "mean", 0.0, 0.0, None, 1.0, False
     )
     assert grad.numel() == 0
     with torch.no_grad():
@@ -383,7 +383,7 @@ _OPCHECK_TESTS = (
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_opcheck(reduction):
     logits, target = _inputs((2, 3, 40), torch.float32)
-    opts = (-100, reduction, 0.1, 1e-3, 4.0)
+    opts = (-100, reduction, 0.1, 1e-3, 4.0, 0.5)
     x = logits.clone().requires_grad_()
     for compute_grad in (True, False):
         # A gradient stored by the forward is an output of the op that its backward scales in
@@ -637,3 +637,96 @@ def test_aten_path_inplace_backward(dtype):
         loss.backward()
     assert_matches_reference(loss.detach(), want[0], base[0], name="loss")
     assert_matches_reference(leaf.grad, want[1], base[1], name="dlogits")
+
+
+# --- logit_scale (Cohere's logit_scale, Granite's 1 / logits_scaling) ------------------------
+
+LOGIT_SCALE_CASES = [
+    pytest.param(0.5, torch.float32, {"softcap": 5.0}, "mean", id="0.5-fp32-softcap-mean"),
+    pytest.param(3.0, torch.float32, {"label_smoothing": 0.1}, "none", id="3-fp32-smooth-none"),
+    pytest.param(3.0, torch.bfloat16, OPTIONS["all"], "sum", id="3-bf16-all-sum"),
+    pytest.param(0.5, torch.bfloat16, {}, "mean", id="0.5-bf16-plain-mean"),
+]
+
+
+@pytest.mark.parametrize("path", ["triton", "aten", "reference"])
+@pytest.mark.parametrize("logit_scale,dtype,options,reduction", LOGIT_SCALE_CASES)
+def test_logit_scale_matches_float64_reference(
+    path, logit_scale, dtype, options, reduction, poison_empty
+):
+    if path == "triton" and not _backend.has_triton():
+        pytest.skip("triton is not importable")
+    logits, target = _inputs((6, 1025), dtype, ignore=(1, 4))
+    dy = _upstream(() if reduction != "none" else (6,), dtype)
+    kw = {"reduction": reduction, "logit_scale": logit_scale, **options}
+    with _backend.force(path):
+        _check_against_reference(logits, target, dy, **kw)
+
+
+@pytest.mark.parametrize("path", ["triton", "aten"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logit_scale_with_inplace_backward(reduction, path):
+    if path == "triton" and not _backend.has_triton():
+        pytest.skip("triton is not importable")
+    logits, target = _inputs((5, 300), torch.float32, ignore=(2,))
+    kw = {"reduction": reduction, "softcap": 4.0, "logit_scale": 0.25}
+    dy = _upstream(() if reduction != "none" else (5,), torch.float32)
+    want = _run(cross_entropy_ref, logits.double(), target, dy, **kw)
+    leaf = logits.detach().clone().requires_grad_()
+    with _backend.force(path):
+        loss = cross_entropy(leaf * 1, target, inplace_backward=True, **kw)
+        loss.backward(dy.to(loss.dtype))
+    assert_matches_reference(loss.detach(), want[0], name="loss")
+    assert_matches_reference(leaf.grad, want[1], name="dlogits")
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_logit_scale_is_a_multiplication_of_the_logits(softcap):
+    # the definition: cross_entropy(x, t, logit_scale=s) == cross_entropy(x * s, t), and the
+    # gradient w.r.t. x picks up the factor s
+    logits, target = _inputs((5, 33), torch.float64, ignore=(2,))
+    s = 0.37
+    kw = {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": softcap}
+    x = logits.clone().requires_grad_()
+    y = (logits * s).requires_grad_()
+    scaled = cross_entropy_ref(x, target, logit_scale=s, **kw)
+    plain = cross_entropy_ref(y, target, **kw)
+    assert torch.equal(scaled, plain)
+    assert not torch.allclose(scaled, cross_entropy_ref(logits, target, **kw))
+    scaled.sum().backward()
+    plain.sum().backward()
+    torch.testing.assert_close(x.grad, y.grad * s, rtol=1e-14, atol=1e-16)
+    # the default path (interpret-mode Triton here, or aten) keeps the identity in fp32
+    x32 = logits.float()
+    torch.testing.assert_close(
+        cross_entropy(x32, target, logit_scale=s, **kw),
+        cross_entropy(x32 * s, target, **kw),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_logit_scale_one_changes_nothing(poison_empty):
+    logits, target = _inputs((4, 200), torch.bfloat16)
+    kw = {"label_smoothing": 0.1, "softcap": 5.0}
+    a = _run(cross_entropy, logits, target, _unit(), **kw)
+    b = _run(cross_entropy, logits, target, _unit(), logit_scale=1.0, **kw)
+    for g, r in zip(a, b, strict=True):
+        assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize(
+    "value,error",
+    [
+        (0.0, ValueError),
+        (-2.0, ValueError),
+        (float("inf"), ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        ("2", TypeError),
+    ],
+    ids=str,
+)
+def test_bad_logit_scale(value, error):
+    with pytest.raises(error, match="logit_scale"):
+        cross_entropy(torch.randn(3, 10), torch.zeros(3, dtype=torch.long), logit_scale=value)

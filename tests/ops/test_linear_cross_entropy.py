@@ -331,7 +331,7 @@ def test_opcheck(reduction):
     hidden, weight, target, b = _inputs(7, 8, 30, torch.float32, bias=True, lead=(2,))
     args = [t.clone().requires_grad_() for t in (hidden, weight)]
     bias = b.clone().requires_grad_()
-    opts = (-100, reduction, 0.1, 1e-3, 4.0, 3, True)
+    opts = (-100, reduction, 0.1, 1e-3, 4.0, 0.5, 3, True)
     for need in ((True, True, True), (False, False, False)):
         # As in test_cross_entropy.test_opcheck: gradients computed by the forward are outputs the
         # backward scales in place, which test_aot_dispatch_dynamic cannot return to its caller.
@@ -347,7 +347,7 @@ def test_opcheck(reduction):
     dloss = torch.randn(target.shape, device=DEVICE)
     torch.library.opcheck(
         torch.ops.perfml.linear_cross_entropy_bwd.default,
-        (dloss, hidden, weight, target, b, -100, 0.1, 1e-3, 4.0, 3, True, True, True, True),
+        (dloss, hidden, weight, target, b, -100, 0.1, 1e-3, 4.0, 0.5, 3, True, True, True, True),
     )
 
 
@@ -484,3 +484,48 @@ def test_aten_path_matches_float64_reference(dtype, reduction, bias, options, mo
         _check(hidden, weight, target, b, dy, fused_kw={"chunk_size": 16}, reduction=reduction,
                **options)  # fmt: skip
     assert calls
+
+
+# --- logit_scale -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["triton", "aten", "reference"])
+@pytest.mark.parametrize(
+    "logit_scale,dtype,reduction,bias,options",
+    [
+        pytest.param(0.5, torch.float32, "mean", True, ALL_OPTIONS, id="0.5-fp32-mean-all"),
+        pytest.param(3.0, torch.bfloat16, "none", False, {"softcap": 4.0}, id="3-bf16-none-cap"),
+        pytest.param(3.0, torch.bfloat16, "sum", True, {"label_smoothing": 0.1}, id="3-bf16-sum"),
+    ],
+)
+def test_logit_scale_matches_float64_reference(
+    logit_scale, dtype, reduction, bias, options, path, poison_empty
+):
+    if path == "triton" and not _backend.has_triton():
+        pytest.skip("triton is not importable")
+    hidden, weight, target, b = _inputs(37, 24, 97, dtype, bias=bias)
+    dy = _upstream(() if reduction != "none" else (37,), dtype)
+    kw = {"reduction": reduction, "logit_scale": logit_scale, **options}
+    with _backend.force(path):
+        _check(hidden, weight, target, b, dy, {"chunk_size": 8}, **kw)
+
+
+def test_logit_scale_is_scaling_the_head():
+    # hidden @ (s * W).T + s * b are the scaled logits: the same loss and grad_hidden
+    hidden, weight, target, b = _inputs(9, 16, 41, torch.float64, bias=True)
+    s, kw = 1 / 8, {"softcap": 3.0, "label_smoothing": 0.1}
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    scaled = linear_cross_entropy(h1, weight, target, b, logit_scale=s, **kw)
+    plain = linear_cross_entropy(h2, weight * s, target, b * s, **kw)
+    torch.testing.assert_close(scaled, plain, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(scaled, linear_cross_entropy(hidden, weight, target, b, **kw))
+    scaled.backward()
+    plain.backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")], ids=str)
+def test_bad_logit_scale(value):
+    hidden, weight, target, _ = _inputs(3, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="logit_scale must be finite and > 0"):
+        linear_cross_entropy(hidden, weight, target, logit_scale=value)
