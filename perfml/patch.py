@@ -12,19 +12,29 @@ checkpoints keep working; unpatch deletes the entries. A module whose forward is
 overridden per instance (accelerate's device-map hooks do that) is left alone and reported.
 
 What (each switch of `patch` turns one kind off):
-  rms_norm     torch.nn.RMSNorm (F.rms_norm's casting) in any model; HF Llama, Mistral, Qwen2,
-               Qwen3 (also q_norm / k_norm), Phi-3 RMSNorm (cast "llama": normalize in fp32, round
-               to the input dtype, then scale); HF Gemma, Gemma2 (cast "gemma", offset 1: weight
-               stored as 1 + w, fp32 throughout)
-  layer_norm   torch.nn.LayerNorm over the last dimension, in any model (GPT-2's ln_1, ln_2, ln_f)
+  rms_norm     torch.nn.RMSNorm (F.rms_norm's casting) in any model; the RMSNorms of the HF
+               families of the table below (`families()`), each with its cast: "llama" (normalize
+               in fp32, round to the input dtype, then scale: Llama, Mistral, Qwen, Phi-3, ...),
+               "gemma" (offset 1: weight stored as 1 + w, fp32 throughout: Gemma 1/2/3) or
+               "fp32-weight" (fp32 times w, one rounding: OLMo 2/3, Helium; perfml's "gemma"
+               cast with offset 0); a cast perfml.ops.rms_norm lacks is reported, not swapped
+  layer_norm   torch.nn.LayerNorm over the last dimension, in any model (GPT-2's ln_1, ln_2, ln_f);
+               OLMo's LayerNorm (no weight) and Cohere's (no bias)
   swiglu       HF gated MLPs: down(act(gate(x)) * up(x)) with act silu -> perfml.ops.swiglu, gelu
                tanh (Gemma's gelu_pytorch_tanh) -> geglu(approximate="tanh"), exact gelu ->
                geglu(approximate="none"); Phi-3's fused gate_up_proj is split by views, not copies
   rope         HF attention modules: the attention forward runs with `apply_rotary_pos_emb` bound
                to perfml.ops.rope (a copy of the same code object whose globals differ only in
-               that name: the transformers module itself is not touched)
+               that name: the transformers module itself is not touched). Interleaved rotary
+               (Cohere, GLM-4, Helium, DeepSeek-V3's default) and layers that apply none (SmolLM3
+               and Exaone 4 NoPE layers) are reported as left; at run time a layout the kernel
+               does not take runs HF's function
   cross_entropy, linear_cross_entropy
-               HF causal-LM heads (XForCausalLM, GPT2LMHeadModel): see "The loss" below
+               HF causal-LM heads (XForCausalLM, GPT2LMHeadModel): see "The loss" below; left
+               where HF scales the logits (Granite, Cohere); an MoE head runs HF's loss when
+               router logits are requested (its aux loss joins the loss)
+MoE expert banks (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3) are reported as left: perfml has no
+grouped kernel; their dense and shared-expert MLPs are swapped.
 
 The loss. HF computes logits = lm_head(hidden) for every token, upcasts them to fp32 and then
 takes the cross-entropy of logits[:, t] against labels[:, t + 1]. Patched, when labels are given:
