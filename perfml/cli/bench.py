@@ -1,4 +1,7 @@
-"""`perfml bench [CASE ...]`: time perfml's ops against the baselines (perfml.bench)."""
+"""`perfml bench [CASE ...]`: time perfml's ops against the baselines (perfml.bench).
+
+`perfml bench serve MODEL_DIR ...` (the first positional `serve`) is the load benchmark of
+`perfml serve` (perfml.bench.serve_load), with its own options and help."""
 
 from __future__ import annotations
 
@@ -7,7 +10,16 @@ import math
 import sys
 from pathlib import Path
 
-from perfml.cli._common import UsageError, add_device, csv, device, shapes
+from perfml.cli._common import (
+    MODEL_PATH_HELP,
+    HelpFormatter,
+    UsageError,
+    add_device,
+    csv,
+    device,
+    positive_int,
+    shapes,
+)
 
 HELP = "time perfml's ops against eager/torch/compile/liger"
 DEFAULT_PLOTS = "bench-results/plots"
@@ -35,8 +47,100 @@ def _threshold(text: str) -> tuple[str, float]:
     return name, ratio
 
 
+SERVE_MODE = "serve"
+SERVE_PROG = "perfml bench serve"
+SERVE_DESCRIPTION = (
+    "load-test `perfml serve`: start the real server on a free loopback port, drive it with "
+    "streamed greedy requests at each concurrency level, and compare it with the same server at "
+    "--max-batch 1 (batch1) and with Llama.generate one request at a time (hf)"
+)
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels look like 1,4,16; got {text!r}") from None
+    if not levels or any(c < 1 for c in levels):
+        raise argparse.ArgumentTypeError(f"levels must be whole numbers >= 1; got {text!r}")
+    return levels
+
+
+def _baselines(text: str) -> tuple[str, ...]:
+    known = ("batch1", "hf")
+    names = csv(text)
+    if text.strip() in ("none", ""):
+        return ()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown baseline(s) {', '.join(unknown)}; known: {', '.join(known)} (or none)"
+        )
+    return names
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=SERVE_PROG, description=SERVE_DESCRIPTION, formatter_class=HelpFormatter
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help=MODEL_PATH_HELP)
+    p.add_argument(
+        "--concurrency",
+        type=_levels,
+        default="1,4,16",
+        help="comma-separated levels: requests in flight at once",
+    )
+    p.add_argument(
+        "--requests", type=positive_int, default=64, help="requests sent in all at each level"
+    )
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=32, help="completion tokens per request"
+    )
+    p.add_argument("--prompt-len", type=positive_int, default=16, help="prompt tokens per request")
+    add_device(p)
+    p.add_argument("--out", metavar="FILE.jsonl", help="append one JSON row per level and system")
+    p.add_argument(
+        "--baselines",
+        type=_baselines,
+        default="batch1,hf",
+        help="comma-separated: batch1 (the server at --max-batch 1), hf (Llama.generate per "
+        "request, no server), or none",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch threads of the servers (OMP_NUM_THREADS) and of hf (default: torch's own)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        help="the port of the first server (default: a free one)",
+    )
+    return p
+
+
+class _BenchParser(argparse.ArgumentParser):
+    """The `bench` subparser: `serve` as the first argument hands the rest to serve_parser()."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] == SERVE_MODE:
+            namespace = serve_parser().parse_args(args[1:], namespace)
+            namespace.mode = SERVE_MODE
+            return namespace, []
+        return super().parse_known_args(args, namespace)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cases", nargs="*", metavar="CASE", help="cases to run (default: all)")
+    p.__class__ = type("BenchParser", (_BenchParser, type(p)), {})
+    p.add_argument(
+        "cases",
+        nargs="*",
+        metavar="CASE",
+        help="cases to run (default: all); `perfml bench serve MODEL_DIR ...` load-tests "
+        "perfml serve instead (see `perfml bench serve --help`)",
+    )
     add_device(p)
     p.add_argument("--quick", action="store_true", help="small sizes, short timings")
     p.add_argument(
@@ -104,7 +208,42 @@ def _open_out(out: str) -> None:
         raise UsageError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from perfml.bench import serve_load
+
+    dev = device(args.device)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [1, 65535], got {args.port}")
+    if args.out:
+        _open_out(args.out)
+    config = serve_load.LoadConfig(
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        prompt_len=args.prompt_len,
+        device=dev.type,
+        baselines=args.baselines,
+        port=args.port,
+        threads=args.threads,
+    )
+    from perfml.cli._common import model_errors
+
+    try:
+        rows = serve_load.run(args.model_dir, config, out=args.out, progress=sys.stderr)
+    except (serve_load.ServeLoadError, *model_errors()) as exc:
+        raise UsageError(str(exc)) from None
+    except serve_load.ServerFailed as exc:
+        print(f"perfml bench serve: error: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        print(f"appended {len(rows)} rows to {args.out}", file=sys.stderr)
+    print(serve_load.render_table(rows))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "mode", None) == SERVE_MODE:
+        return run_serve(args)
     from perfml import bench
 
     dev = device(args.device)
