@@ -30,9 +30,8 @@ What (each switch of `patch` turns one kind off):
                and Exaone 4 NoPE layers) are reported as left; at run time a layout the kernel
                does not take runs HF's function
   cross_entropy, linear_cross_entropy
-               HF causal-LM heads (XForCausalLM, GPT2LMHeadModel): see "The loss" below; left
-               where HF scales the logits (Granite, Cohere); an MoE head runs HF's loss when
-               router logits are requested (its aux loss joins the loss)
+               HF causal-LM heads (XForCausalLM, GPT2LMHeadModel): see "The loss" below; an MoE
+               head runs HF's loss when router logits are requested (its aux loss joins the loss)
 MoE expert banks (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3) are reported as left: perfml has no
 grouped kernel; their dense and shared-expert MLPs are swapped.
 
@@ -48,7 +47,9 @@ takes the cross-entropy of logits[:, t] against labels[:, t + 1]. Patched, when 
 Without labels nothing about the loss changes (generation runs HF's forward with the patched
 norms, MLPs and rotary). The loss follows HF's ForCausalLMLoss: ignore_index, shift_labels and
 num_items_in_batch (sum / num_items_in_batch, the gradient-accumulation normalization) keyword
-arguments, Gemma2's final_logit_softcapping (the loss's softcap option), a loss in fp32 (its value
+arguments, Gemma2's final_logit_softcapping (the loss's softcap option), the scaled heads
+(Granite divides the logits by logits_scaling, Cohere multiplies them by logit_scale: the fused
+loss's logit_scale, applied before the softcap), a loss in fp32 (its value
 rounded through the compute dtype: the fused losses return bf16 for bf16 inputs). HF's path runs
 unchanged when the model has a custom loss_function, when lm_head is not a plain nn.Linear (a
 LoRA-wrapped head: its weight alone would miss the adapter) or when logits_to_keep is set.
@@ -73,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import types
 from collections import defaultdict
 from collections.abc import Callable
@@ -339,6 +341,8 @@ class _CausalLMSpec:
     fuse_linear: bool  # linear_cross_entropy switch
     fuse_logits: bool  # cross_entropy switch
     router_logits: bool = False  # HF's loss runs when router logits are requested (MoE)
+    # the factor HF's head multiplies the logits by, read from the module (Granite, Cohere)
+    logit_scale: Callable[[nn.Module], float] | None = None
 
 
 def _shifted_labels(labels: Tensor, ignore_index: int, shift_labels: Tensor | None) -> Tensor:
@@ -366,7 +370,12 @@ def _loss_options(extra: dict[str, Any]) -> tuple[int, Tensor | None, Any]:
 
 
 def _head_linear_loss(
-    model: nn.Module, hidden: Tensor, labels: Tensor, softcap: float | None, extra: dict[str, Any]
+    model: nn.Module,
+    hidden: Tensor,
+    labels: Tensor,
+    softcap: float | None,
+    extra: dict[str, Any],
+    logit_scale: float = 1.0,
 ) -> Tensor:
     ignore_index, shift_labels, num_items = _loss_options(extra)
     head = model.lm_head
@@ -384,11 +393,13 @@ def _head_linear_loss(
         ignore_index=ignore_index,
         reduction="mean" if num_items is None else "sum",
         softcap=softcap,
+        logit_scale=logit_scale,
     )
     return _normalize(loss, num_items)
 
 
 def _logits_loss(logits: Tensor, labels: Tensor, extra: dict[str, Any]) -> Tensor:
+    # HF's forward made these logits, already scaled (Granite, Cohere): no logit_scale here
     ignore_index, shift_labels, num_items = _loss_options(extra)
     target = _shifted_labels(labels, ignore_index, shift_labels).to(logits.device)
     loss = cross_entropy(
@@ -468,7 +479,8 @@ def _causal_lm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         base_args = {k: v for k, v in call.items() if k not in ("labels", "logits_to_keep")}
         outputs = getattr(self, self.base_model_prefix)(**base_args)
         softcap = getattr(self.config, spec.softcap_attr) if spec.softcap_attr else None
-        loss = _head_linear_loss(self, outputs.last_hidden_state, labels, softcap, extra)
+        scale = spec.logit_scale(self) if spec.logit_scale else 1.0
+        loss = _head_linear_loss(self, outputs.last_hidden_state, labels, softcap, extra, scale)
         out = _output(spec, outputs, loss=loss, logits=None)
     elif spec.fuse_logits and hf_loss:
         out = type(self).forward(self, **{**call, "labels": None, "return_dict": True})
@@ -505,6 +517,15 @@ def _deepseek_rope(module: nn.Module) -> str | None:
     return None
 
 
+def _granite_logit_scale(head: nn.Module) -> float:
+    return 1.0 / head.config.logits_scaling  # HF: logits = lm_head(h) / config.logits_scaling
+
+
+def _cohere_logit_scale(head: nn.Module) -> float:
+    # HF: logits = lm_head(h) * self.logit_scale (the head's copy of config.logit_scale)
+    return head.logit_scale
+
+
 @dataclass(frozen=True)
 class HFFamily:
     """What `patch` knows of one Hugging Face decoder family (transformers.models.<package>):
@@ -533,6 +554,9 @@ class HFFamily:
     causal_lm: str | None = None  # class name of the causal-LM head (default <prefix>ForCausalLM)
     softcap: str | None = None  # config attribute of a final logit softcap (Gemma2)
     loss_unsupported: str | None = None  # why the loss stays HF's
+    # the factor HF's head multiplies the logits by, read from the causal-LM module at each
+    # call (Granite divides them by config.logits_scaling, Cohere multiplies them by logit_scale)
+    logit_scale: Callable[[nn.Module], float] | None = None
     router_aux_loss: bool = False  # HF adds a router aux loss when router logits are requested
 
 
@@ -574,18 +598,14 @@ _FAMILY_TABLE: tuple[HFFamily, ...] = (
     HFFamily("hunyuan_v1_dense", "HunYuanDenseV1"),
     HFFamily("helium", "Helium", norm="fp32-weight", rope_unsupported=_INTERLEAVED),
     HFFamily("seed_oss", "SeedOss"),
-    HFFamily(
-        "granite",
-        "Granite",
-        loss_unsupported="logits_scaling unsupported (HF divides the logits by it)",
-    ),
+    HFFamily("granite", "Granite", logit_scale=_granite_logit_scale),
     HFFamily(
         "cohere",
         "Cohere",
         norm="layer_norm",
         norm_suffixes=("LayerNorm",),
         rope_unsupported=_INTERLEAVED,
-        loss_unsupported="logit_scale unsupported (HF multiplies the logits by it)",
+        logit_scale=_cohere_logit_scale,
     ),
     HFFamily(
         "glm4",
@@ -857,7 +877,15 @@ def _causal_lm_spec(module: nn.Module, family: HFFamily) -> tuple[_CausalLMSpec 
     if not {"loss", "logits"} <= set(fields):
         return None, "unexpected output type"
     router = family.router_aux_loss and "output_router_logits" in names
-    return _CausalLMSpec(tuple(names), output, fields, family.softcap, True, True, router), ""
+    if family.logit_scale is not None:
+        try:
+            scale = family.logit_scale(module)
+        except (AttributeError, TypeError, ZeroDivisionError) as e:
+            return None, f"no usable logit scale ({e})"
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            return None, f"logit scale {scale!r} is not a finite number > 0"
+    spec = _CausalLMSpec(tuple(names), output, fields, family.softcap, True, True, router)
+    return dataclasses.replace(spec, logit_scale=family.logit_scale), ""
 
 
 # --- public API -------------------------------------------------------------------------------

@@ -302,3 +302,37 @@ def test_family(family, calls):
     with torch.no_grad():
         assert torch.equal(model(ids, labels=labels).logits, want_eval.logits)
     assert not calls
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_scaled_head_uses_the_config_scale(family, calls):
+    """The fused loss reads the head's scale where HF's forward does (Granite: the config's
+    logits_scaling; Cohere: the head's own logit_scale, copied from the config) at each call,
+    and a scale it cannot use leaves HF's loss, reported."""
+    model = tiny(family)
+    base = copy.deepcopy(model)
+    # the object HF's forward reads the scale from
+    attr = "logits_scaling" if family == "granite" else "logit_scale"
+    owner = (lambda m: m.config) if family == "granite" else (lambda m: m)
+    report = perfml.patch(model)
+    assert _LOSS_KINDS <= {e.kind for e in report.replaced}
+    ids, labels = batch()
+    model.train(), base.train()
+    losses = []
+    for value in (3.0, 0.25):
+        setattr(owner(model), attr, value)
+        setattr(owner(base), attr, value)
+        calls.clear()
+        with torch.no_grad():
+            got, want = model(ids, labels=labels).loss, base(ids, labels=labels).loss
+        assert calls["linear_cross_entropy"] == 1
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        losses.append(got)
+    assert not torch.allclose(losses[0], losses[1])  # the scale really changed the loss
+
+    bad = tiny(family)
+    setattr(owner(bad), attr, 0.0 if family == "granite" else -1.0)
+    report = perfml.patch(bad)
+    left = {e.kind: e.note for e in report.left if e.kind in _LOSS_KINDS}
+    assert set(left) == _LOSS_KINDS, str(report)
+    assert all("logit scale" in note for note in left.values()), left
