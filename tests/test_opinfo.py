@@ -44,6 +44,11 @@ import perfml.ops as P
 from perfml import _backend
 from tests.utils import FP32_RTOL, assert_matches_reference, max_err
 
+# importing torch's test utilities freezes the torch.backends flags for the whole process
+# (common_utils calls torch.backends.disable_global_flags()); other tests in the same process set
+# them (the Trainer's deterministic mode sets cudnn.deterministic), so they are unfrozen again
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUTS = ("original", "noncontiguous")
 # interpret mode is slow: at most this many samples per op (each run in every dtype and layout)
@@ -619,3 +624,9 @@ def test_opinfo_samples_on_cuda(name, monkeypatch):
     line = _summary(name, "triton-cuda", counts, failures)
     assert not failures, line + "\n" + "\n".join(failures)
     assert counts["ok"], f"{line}: no sample was checked"
+
+
+def test_importing_torch_test_utilities_leaves_the_backend_flags_settable():
+    assert not torch.backends.flags_frozen()
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = deterministic  # raises while the flags are frozen
