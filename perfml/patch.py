@@ -25,10 +25,12 @@ What (each switch of `patch` turns one kind off):
                geglu(approximate="none"); Phi-3's fused gate_up_proj is split by views, not copies
   rope         HF attention modules: the attention forward runs with `apply_rotary_pos_emb` bound
                to perfml.ops.rope (a copy of the same code object whose globals differ only in
-               that name: the transformers module itself is not touched). Interleaved rotary
-               (Cohere, GLM-4, Helium, DeepSeek-V3's default) and layers that apply none (SmolLM3
-               and Exaone 4 NoPE layers) are reported as left; at run time a layout the kernel
-               does not take runs HF's function
+               that name: the transformers module itself is not touched). The interleaved
+               rotary of Cohere, GLM-4 (partial), Helium and DeepSeek-V3 (both of its functions)
+               runs perfml.ops.rope(interleaved=True) with HF's tables made per feature, and
+               DeepSeek-V3's output in HF's order. Layers that apply none (SmolLM3 and Exaone 4
+               NoPE layers) are reported as left; at run time a layout the kernel (or HF's
+               function) does not take runs HF's function
   cross_entropy, linear_cross_entropy
                HF causal-LM heads (XForCausalLM, GPT2LMHeadModel): see "The loss" below; an MoE
                head runs HF's loss when router logits are requested (its aux loss joins the loss)
@@ -285,46 +287,164 @@ def _rope_fits(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: in
     return not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
 
 
-def _fused_rotary(original: Callable[..., Any]) -> Callable[..., tuple[Tensor, Tensor]]:
-    def apply_rotary_pos_emb(
+# Rotary layouts of the HF families: how the tables come (cos / sin as HF's rotary embedding
+# builds them) and which pairs rotate. "halves": rotate_half over cat(freqs, freqs) tables, any
+# width <= head_dim (partial rotary). "interleaved": pairs (2i, 2i+1) with one value per
+# feature (Cohere's repeat_interleave'd tables), full width. "interleaved-cat": pairs (2i, 2i+1)
+# over cat(freqs, freqs) tables, which HF turns into per-feature ones with
+# t[..., :r // 2].repeat_interleave(2) (GLM-4: partial rotary over the first r features);
+# "interleaved-cat-full": the same, full width only (Helium: HF's function has no partial
+# rotary); "interleaved-cat-split": the same, full width, the output in HF's order: the rotated
+# even features, then the rotated odd ones (DeepSeek-V3's apply_rotary_pos_emb_interleave).
+_ROPE_LAYOUTS = (
+    "halves",
+    "interleaved",
+    "interleaved-cat",
+    "interleaved-cat-full",
+    "interleaved-cat-split",
+)
+_ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
+_ROPE_PARAMS_WITH_POSITIONS = ["q", "k", "cos", "sin", "position_ids", "unsqueeze_dim"]
+
+
+def _per_feature(t: Tensor) -> Tensor:
+    # cat(freqs, freqs) -> one value per feature of the pairs (2i, 2i+1): HF's own line
+    return t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1)
+
+
+def _rope_halves(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int) -> tuple[Tensor, Tensor]:
+    return rope(q, k, cos, sin, unsqueeze_dim=u)
+
+
+def _rope_interleaved(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
+) -> tuple[Tensor, Tensor] | None:
+    if cos.shape[-1] != q.shape[-1]:
+        return None  # a partial table: HF's function does not rotate over part of the head
+    return rope(q, k, cos, sin, unsqueeze_dim=u, interleaved=True)
+
+
+def _rope_interleaved_cat(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
+) -> tuple[Tensor, Tensor]:
+    r = cos.shape[-1]  # rotates the first r features (GLM-4's partial rotary)
+    c, s = _per_feature(cos), _per_feature(sin)
+    return rope(q, k, c, s, unsqueeze_dim=u, interleaved=True, rotary_dim=r)
+
+
+def _rope_interleaved_cat_full(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
+) -> tuple[Tensor, Tensor] | None:
+    if cos.shape[-1] != q.shape[-1]:
+        return None
+    return _rope_interleaved_cat(q, k, cos, sin, u)
+
+
+def _rope_interleaved_cat_split(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
+) -> tuple[Tensor, Tensor] | None:
+    out = _rope_interleaved_cat_full(q, k, cos, sin, u)
+    if out is None:
+        return None
+    # HF's order: the rotated even features, then the rotated odd ones
+    q_embed, k_embed = (torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1) for t in out)
+    return q_embed, k_embed
+
+
+_ROPE_IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor] | None]] = {
+    "halves": _rope_halves,
+    "interleaved": _rope_interleaved,
+    "interleaved-cat": _rope_interleaved_cat,
+    "interleaved-cat-full": _rope_interleaved_cat_full,
+    "interleaved-cat-split": _rope_interleaved_cat_split,
+}
+
+
+_ROPE_OF: dict[Callable[..., Any], Callable[..., tuple[Tensor, Tensor] | None]] = {}
+
+
+def _fused_rotary(
+    original: Callable[..., Any], layout: str
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """HF's rotary function `original` of `layout` computed by perfml.ops.rope; arguments the
+    kernel (or HF's function) does not take run `original`."""
+    # the only closure variable is `original` (Dynamo guards a closure through the module's
+    # own name); the layout's implementation is found by it in a module-level table
+    _ROPE_OF[original] = _ROPE_IMPLS[layout]
+    if layout == "interleaved-cat-split":  # HF's signature takes (and ignores) position_ids
+
+        def apply_rotary_pos_emb_interleave(
+            q: Tensor,
+            k: Tensor,
+            cos: Tensor,
+            sin: Tensor,
+            position_ids: Tensor | None = None,
+            unsqueeze_dim: int = 1,
+        ) -> tuple[Tensor, Tensor]:
+            out = None
+            if position_ids is None and _rope_fits(q, k, cos, sin, unsqueeze_dim):
+                out = _ROPE_OF[original](q, k, cos, sin, unsqueeze_dim)
+            return out if out is not None else original(q, k, cos, sin, position_ids, unsqueeze_dim)
+
+        return apply_rotary_pos_emb_interleave
+
+    if layout == "halves":  # traced by Dynamo without touching the closure (fullgraph)
+
+        def apply_rotary_pos_emb(
+            q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
+        ) -> tuple[Tensor, Tensor]:
+            if _rope_fits(q, k, cos, sin, unsqueeze_dim):
+                return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+            return original(q, k, cos, sin, unsqueeze_dim)
+
+        return apply_rotary_pos_emb
+
+    def apply_rotary_pos_emb_pairs(
         q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
     ) -> tuple[Tensor, Tensor]:
+        out = None
         if _rope_fits(q, k, cos, sin, unsqueeze_dim):
-            return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-        return original(q, k, cos, sin, unsqueeze_dim)
+            out = _ROPE_OF[original](q, k, cos, sin, unsqueeze_dim)
+        return out if out is not None else original(q, k, cos, sin, unsqueeze_dim)
 
-    return apply_rotary_pos_emb
+    return apply_rotary_pos_emb_pairs
 
 
-_ROPE_NAME = "apply_rotary_pos_emb"
-_ROPE_PARAMS = ["q", "k", "cos", "sin", "unsqueeze_dim"]
-_rope_forwards: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
+_rope_forwards: dict[
+    tuple[Callable[..., Any], tuple[tuple[str, str], ...]], Callable[..., Any]
+] = {}
 
 
 def _rope_attention_forward(
-    cls: type, name: str = _ROPE_NAME
+    cls: type, bindings: tuple[tuple[str, str], ...]
 ) -> tuple[Callable[..., Any] | None, str]:
-    """cls.forward rebuilt with the rotary function `name` bound to the fused rotary, or the
-    reason it cannot be. One function per class, shared by its instances."""
+    """cls.forward rebuilt with each rotary function name of `bindings` ((name, layout) pairs)
+    that it calls bound to the fused rotary of that layout, or the reason it cannot be. One
+    function per class, shared by its instances."""
     fn = cls.forward
     if inspect.unwrap(fn) is not fn:
         return None, "the attention forward is wrapped by a decorator"
-    if name not in fn.__code__.co_names:
-        return None, f"the attention forward does not call {name}"
-    original = fn.__globals__.get(name)
-    if not callable(original):
-        return None, f"{name} is not a function in {fn.__module__}"
-    if list(inspect.signature(original).parameters) != _ROPE_PARAMS:
-        return None, f"{name} has an unexpected signature"
-    if (fn, name) not in _rope_forwards:
+    called = tuple((n, layout) for n, layout in bindings if n in fn.__code__.co_names)
+    if not called:
+        names = " or ".join(n for n, _ in bindings)
+        return None, f"the attention forward does not call {names}"
+    for name, layout in called:
+        original = fn.__globals__.get(name)
+        if not callable(original):
+            return None, f"{name} is not a function in {fn.__module__}"
+        params = _ROPE_PARAMS_WITH_POSITIONS if layout == "interleaved-cat-split" else _ROPE_PARAMS
+        if list(inspect.signature(original).parameters) != params:
+            return None, f"{name} has an unexpected signature"
+    if (fn, called) not in _rope_forwards:
         scope = dict(fn.__globals__)
-        scope[name] = _fused_rotary(original)
+        for name, layout in called:
+            scope[name] = _fused_rotary(fn.__globals__[name], layout)
         rebuilt = types.FunctionType(
             fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__
         )
         rebuilt.__kwdefaults__ = fn.__kwdefaults__
-        _rope_forwards[fn, name] = functools.update_wrapper(rebuilt, fn)
-    return _rope_forwards[fn, name], ""
+        _rope_forwards[fn, called] = functools.update_wrapper(rebuilt, fn)
+    return _rope_forwards[fn, called], ""
 
 
 # --- replacement forward: the causal-LM loss --------------------------------------------------
@@ -510,13 +630,6 @@ def _exaone4_rope(module: nn.Module) -> str | None:
     return "no rotary in this layer (a global-attention NoPE layer)"
 
 
-def _deepseek_rope(module: nn.Module) -> str | None:
-    config = getattr(module, "config", None)
-    if getattr(config, "rope_interleave", False):
-        return "interleaved rotary (rope_interleave=True calls apply_rotary_pos_emb_interleave)"
-    return None
-
-
 def _granite_logit_scale(head: nn.Module) -> float:
     return 1.0 / head.config.logits_scaling  # HF: logits = lm_head(h) / config.logits_scaling
 
@@ -548,6 +661,9 @@ class HFFamily:
     fused_gate_up: bool = False  # one gate_up_proj (Phi-3, GLM-4) instead of gate_proj, up_proj
     attention_suffixes: tuple[str, ...] = ("Attention",)
     rope: str = "apply_rotary_pos_emb"  # the rotary function the attention forward calls
+    rope_layout: str = "halves"  # its layout (_ROPE_LAYOUTS)
+    # other rotary functions the attention forward may call instead, each with its layout
+    rope_also: tuple[tuple[str, str], ...] = ()
     rope_unsupported: str | None = None  # why the rotary stays HF's in every layer
     rope_skip: Callable[[nn.Module], str | None] | None = None  # per layer: why no rotary there
     experts_suffixes: tuple[str, ...] = ()  # MoE expert banks: left as HF's, reported
@@ -570,7 +686,6 @@ _NORMS: dict[str, tuple[str, str | None, float]] = {
 }
 
 _MOE_EXPERTS = "MoE experts (3-D expert weights, routed tokens): no grouped kernel in perfml"
-_INTERLEAVED = "interleaved rotary (pairs 2i, 2i+1): perfml.ops.rope rotates halves"
 
 _FAMILY_TABLE: tuple[HFFamily, ...] = (
     HFFamily("llama", "Llama"),
@@ -596,7 +711,7 @@ _FAMILY_TABLE: tuple[HFFamily, ...] = (
     HFFamily("stablelm", "StableLm", norm=None),
     HFFamily("exaone4", "Exaone4", rope_skip=_exaone4_rope),
     HFFamily("hunyuan_v1_dense", "HunYuanDenseV1"),
-    HFFamily("helium", "Helium", norm="fp32-weight", rope_unsupported=_INTERLEAVED),
+    HFFamily("helium", "Helium", norm="fp32-weight", rope_layout="interleaved-cat-full"),
     HFFamily("seed_oss", "SeedOss"),
     HFFamily("granite", "Granite", logit_scale=_granite_logit_scale),
     HFFamily(
@@ -604,7 +719,7 @@ _FAMILY_TABLE: tuple[HFFamily, ...] = (
         "Cohere",
         norm="layer_norm",
         norm_suffixes=("LayerNorm",),
-        rope_unsupported=_INTERLEAVED,
+        rope_layout="interleaved",
         logit_scale=_cohere_logit_scale,
     ),
     HFFamily(
@@ -612,13 +727,19 @@ _FAMILY_TABLE: tuple[HFFamily, ...] = (
         "Glm4",
         act_attr="activation_fn",
         fused_gate_up=True,
-        rope_unsupported=_INTERLEAVED + ", over a partial head",
+        rope_layout="interleaved-cat",
     ),
     HFFamily("mixtral", "Mixtral", experts_suffixes=("Experts",), router_aux_loss=True),
     HFFamily("qwen2_moe", "Qwen2Moe", experts_suffixes=("Experts",), router_aux_loss=True),
     HFFamily("qwen3_moe", "Qwen3Moe", experts_suffixes=("Experts",), router_aux_loss=True),
     HFFamily("olmoe", "Olmoe", experts_suffixes=("Experts",), router_aux_loss=True),
-    HFFamily("deepseek_v3", "DeepseekV3", experts_suffixes=("Experts",), rope_skip=_deepseek_rope),
+    HFFamily(
+        "deepseek_v3",
+        "DeepseekV3",
+        experts_suffixes=("Experts",),
+        # rope_interleave=True (the default) calls the interleaved function
+        rope_also=(("apply_rotary_pos_emb_interleave", "interleaved-cat-split"),),
+    ),
 )
 
 
@@ -810,11 +931,18 @@ class _Patcher:
         if not self.on["rope"]:
             self.leave(path, module, "rope", "rope=False")
             return
-        forward, why = _rope_attention_forward(type(module), spec.rope)
+        bindings = ((spec.rope, spec.rope_layout), *spec.rope_also)
+        forward, why = _rope_attention_forward(type(module), bindings)
         if forward is None:
             self.leave(path, module, "rope", why)
         else:
-            self.swap(path, module, ("rope",), forward, f"{spec.rope} -> perfml.ops.rope")
+            code = type(module).forward.__code__.co_names
+            note = ", ".join(
+                f"{n} -> perfml.ops.rope" + ("" if layout == "halves" else "(interleaved=True)")
+                for n, layout in bindings
+                if n in code
+            )
+            self.swap(path, module, ("rope",), forward, note)
 
     def causal_lm(self, path: str, module: nn.Module, family: HFFamily) -> None:
         kinds = tuple(k for k in ("linear_cross_entropy", "cross_entropy") if self.on[k])

@@ -336,3 +336,84 @@ def test_scaled_head_uses_the_config_scale(family, calls):
     left = {e.kind: e.note for e in report.left if e.kind in _LOSS_KINDS}
     assert set(left) == _LOSS_KINDS, str(report)
     assert all("logit scale" in note for note in left.values()), left
+
+
+_INTERLEAVED_ROPES = {  # family -> (HF function name, its layout in the family table)
+    "cohere": ("apply_rotary_pos_emb", "interleaved"),
+    "glm4": ("apply_rotary_pos_emb", "interleaved-cat"),
+    "helium": ("apply_rotary_pos_emb", "interleaved-cat-full"),
+    "deepseek_v3": ("apply_rotary_pos_emb_interleave", "interleaved-cat-split"),
+}
+
+
+def _tables(family: str, b: int, t: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # as HF's rotary embedding of the family builds them
+    angles = torch.randn(b, t, r // 2)
+    emb = angles.repeat_interleave(2, -1) if family == "cohere" else torch.cat([angles] * 2, -1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("family", _INTERLEAVED_ROPES)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_interleaved_rotary_matches_hf(family, unsqueeze_dim, calls):
+    """The rebound rotary of each interleaved family against HF's own function on random
+    inputs (full width, and GLM-4's partial rotary), with gradients; a layout the kernel or
+    HF's function does not take runs HF's function."""
+    name, layout = _INTERLEAVED_ROPES[family]
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    original = getattr(modeling, name)
+    fused = patch_module._fused_rotary(original, layout)
+    spec = patch_module._HF_FAMILIES[family]
+    assert (name, layout) in ((spec.rope, spec.rope_layout), *spec.rope_also)
+    torch.manual_seed(0)
+    b, h, t, d = 2, 3, 5, 16
+    shape = (b, h, t, d) if unsqueeze_dim == 1 else (b, t, h, d)
+    for r in (d, 8) if family == "glm4" else (d,):
+        q, k = torch.randn(shape, requires_grad=True), torch.randn(shape, requires_grad=True)
+        cos, sin = _tables(family, b, t, r)
+        calls.clear()
+        got = fused(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        assert calls["rope"] == 1
+        want = original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+        grads = torch.autograd.grad(sum((x * x.detach()).sum() for x in got), (q, k))
+        wants = torch.autograd.grad(sum((x * x.detach()).sum() for x in want), (q, k))
+        for g, w in zip(grads, wants, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+
+    # fallbacks: a table narrower than the head where HF has no partial rotary (HF's own error),
+    # tables that require grad (the kernel gives them none)
+    q, k = torch.randn(shape), torch.randn(shape)
+    if family != "glm4":
+        cos, sin = _tables(family, b, t, 8)
+        calls.clear()
+        with pytest.raises(RuntimeError):
+            fused(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        assert not calls
+    cos, sin = _tables(family, b, t, d)
+    cos.requires_grad_()
+    calls.clear()
+    got = fused(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    assert not calls
+    for g, w in zip(got, original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim), strict=True):
+        assert torch.equal(g, w)
+
+
+def test_deepseek_v3_rotary_halves_too(calls):
+    """DeepSeek-V3 with rope_interleave=False calls apply_rotary_pos_emb (rotate-half): the
+    same rebound forward swaps it, with parity."""
+    config_name, model_name, kwargs = CASES["deepseek_v3"]
+    config = getattr(transformers, config_name)(**_SMALL | kwargs | {"rope_interleave": False})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    base = copy.deepcopy(model)
+    report = perfml.patch(model)
+    rope_entries = [e for e in report.replaced if e.kind == "rope"]
+    assert len(rope_entries) == config.num_hidden_layers, str(report)
+    ids, labels = batch()
+    calls.clear()
+    got = model(ids, labels=labels).loss
+    assert calls["rope"] == config.num_hidden_layers
+    torch.testing.assert_close(got, base(ids, labels=labels).loss, rtol=0, atol=1e-4)
