@@ -312,18 +312,6 @@ def _per_feature(t: Tensor) -> Tensor:
     return t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1)
 
 
-def _rope_halves(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int) -> tuple[Tensor, Tensor]:
-    return rope(q, k, cos, sin, unsqueeze_dim=u)
-
-
-def _rope_interleaved(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
-) -> tuple[Tensor, Tensor] | None:
-    if cos.shape[-1] != q.shape[-1]:
-        return None  # a partial table: HF's function does not rotate over part of the head
-    return rope(q, k, cos, sin, unsqueeze_dim=u, interleaved=True)
-
-
 def _rope_interleaved_cat(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
 ) -> tuple[Tensor, Tensor]:
@@ -332,45 +320,19 @@ def _rope_interleaved_cat(
     return rope(q, k, c, s, unsqueeze_dim=u, interleaved=True, rotary_dim=r)
 
 
-def _rope_interleaved_cat_full(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
-) -> tuple[Tensor, Tensor] | None:
-    if cos.shape[-1] != q.shape[-1]:
-        return None
-    return _rope_interleaved_cat(q, k, cos, sin, u)
-
-
-def _rope_interleaved_cat_split(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, u: int
-) -> tuple[Tensor, Tensor] | None:
-    out = _rope_interleaved_cat_full(q, k, cos, sin, u)
-    if out is None:
-        return None
-    # HF's order: the rotated even features, then the rotated odd ones
-    q_embed, k_embed = (torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1) for t in out)
-    return q_embed, k_embed
-
-
-_ROPE_IMPLS: dict[str, Callable[..., tuple[Tensor, Tensor] | None]] = {
-    "halves": _rope_halves,
-    "interleaved": _rope_interleaved,
-    "interleaved-cat": _rope_interleaved_cat,
-    "interleaved-cat-full": _rope_interleaved_cat_full,
-    "interleaved-cat-split": _rope_interleaved_cat_split,
-}
-
-
-_ROPE_OF: dict[Callable[..., Any], Callable[..., tuple[Tensor, Tensor] | None]] = {}
-
-
 def _fused_rotary(
     original: Callable[..., Any], layout: str
 ) -> Callable[..., tuple[Tensor, Tensor]]:
     """HF's rotary function `original` of `layout` computed by perfml.ops.rope; arguments the
-    kernel (or HF's function) does not take run `original`."""
-    # the only closure variable is `original` (Dynamo guards a closure through the module's
-    # own name); the layout's implementation is found by it in a module-level table
-    _ROPE_OF[original] = _ROPE_IMPLS[layout]
+    kernel (or HF's function) does not take run `original`.
+
+    One wrapper per layout, each calling its layout's module-level function by name: the traced
+    path must not read the closure variable `original` (Dynamo guards a closure through the
+    module's own name, where the function is still HF's), so torch.compile(fullgraph=True) traces
+    the patched model; `original` is reached only on the fallback path."""
+    if layout not in _ROPE_LAYOUTS:
+        raise ValueError(f"unknown rope layout {layout!r}; known: {', '.join(_ROPE_LAYOUTS)}")
+
     if layout == "interleaved-cat-split":  # HF's signature takes (and ignores) position_ids
 
         def apply_rotary_pos_emb_interleave(
@@ -381,14 +343,22 @@ def _fused_rotary(
             position_ids: Tensor | None = None,
             unsqueeze_dim: int = 1,
         ) -> tuple[Tensor, Tensor]:
-            out = None
-            if position_ids is None and _rope_fits(q, k, cos, sin, unsqueeze_dim):
-                out = _ROPE_OF[original](q, k, cos, sin, unsqueeze_dim)
-            return out if out is not None else original(q, k, cos, sin, position_ids, unsqueeze_dim)
+            if (
+                position_ids is None
+                and cos.shape[-1] == q.shape[-1]
+                and _rope_fits(q, k, cos, sin, unsqueeze_dim)
+            ):
+                q_out, k_out = _rope_interleaved_cat(q, k, cos, sin, unsqueeze_dim)
+                # HF's order: the rotated even features, then the rotated odd ones
+                return (
+                    torch.cat([q_out[..., 0::2], q_out[..., 1::2]], dim=-1),
+                    torch.cat([k_out[..., 0::2], k_out[..., 1::2]], dim=-1),
+                )
+            return original(q, k, cos, sin, position_ids, unsqueeze_dim)
 
         return apply_rotary_pos_emb_interleave
 
-    if layout == "halves":  # traced by Dynamo without touching the closure (fullgraph)
+    if layout == "halves":
 
         def apply_rotary_pos_emb(
             q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
@@ -399,15 +369,37 @@ def _fused_rotary(
 
         return apply_rotary_pos_emb
 
-    def apply_rotary_pos_emb_pairs(
+    if layout == "interleaved":  # a table per feature already (Cohere), full width only
+
+        def apply_rotary_pos_emb_pairs(
+            q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
+        ) -> tuple[Tensor, Tensor]:
+            if cos.shape[-1] == q.shape[-1] and _rope_fits(q, k, cos, sin, unsqueeze_dim):
+                return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, interleaved=True)
+            return original(q, k, cos, sin, unsqueeze_dim)
+
+        return apply_rotary_pos_emb_pairs
+
+    if layout == "interleaved-cat":  # cat(freqs, freqs), partial rotary allowed (GLM-4)
+
+        def apply_rotary_pos_emb_pairs_cat(
+            q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
+        ) -> tuple[Tensor, Tensor]:
+            if _rope_fits(q, k, cos, sin, unsqueeze_dim):
+                return _rope_interleaved_cat(q, k, cos, sin, unsqueeze_dim)
+            return original(q, k, cos, sin, unsqueeze_dim)
+
+        return apply_rotary_pos_emb_pairs_cat
+
+    # "interleaved-cat-full": cat(freqs, freqs), full width only (Helium)
+    def apply_rotary_pos_emb_pairs_cat_full(
         q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
     ) -> tuple[Tensor, Tensor]:
-        out = None
-        if _rope_fits(q, k, cos, sin, unsqueeze_dim):
-            out = _ROPE_OF[original](q, k, cos, sin, unsqueeze_dim)
-        return out if out is not None else original(q, k, cos, sin, unsqueeze_dim)
+        if cos.shape[-1] == q.shape[-1] and _rope_fits(q, k, cos, sin, unsqueeze_dim):
+            return _rope_interleaved_cat(q, k, cos, sin, unsqueeze_dim)
+        return original(q, k, cos, sin, unsqueeze_dim)
 
-    return apply_rotary_pos_emb_pairs
+    return apply_rotary_pos_emb_pairs_cat_full
 
 
 _rope_forwards: dict[

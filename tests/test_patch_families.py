@@ -417,3 +417,23 @@ def test_deepseek_v3_rotary_halves_too(calls):
     got = model(ids, labels=labels).loss
     assert calls["rope"] == config.num_hidden_layers
     torch.testing.assert_close(got, base(ids, labels=labels).loss, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["cohere", "glm4", "helium", "deepseek_v3"])
+def test_interleaved_rope_families_compile_with_fullgraph(family):
+    """The interleaved-rope wrappers trace under torch.compile(fullgraph=True) (their traced path
+    reads no closure variable, which Dynamo would guard through the transformers module where the
+    name still holds HF's function), and the compiled loss is the unpatched model's."""
+    model, base = tiny(family), tiny(family)
+    perfml.patch(model)
+    ids, labels = batch()
+    targets: list[set[str]] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs):
+        targets.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    compiled = torch.compile(model, backend=recording, fullgraph=True)
+    loss = compiled(ids, labels=labels).loss
+    assert targets  # one full graph, no fallback to eager
+    torch.testing.assert_close(loss, base(ids, labels=labels).loss, rtol=1e-5, atol=1e-5)
