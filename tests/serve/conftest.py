@@ -7,17 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
+# the serve extra and httpx are pinned in the dev extra: a missing one fails here, never skips
+import fastapi  # noqa: F401
+import httpx
+import prometheus_client  # noqa: F401
 import pytest
+import uvicorn  # noqa: F401
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-httpx = pytest.importorskip("httpx")
-
+from tests.tiny_run import train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,19 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def serve_run(tmp_path_factory) -> Path:
     """A run directory of a 1-layer byte-level model trained 2 steps (max_seq_len 64)."""
-    import torch
-
-    from perfml.train import TrainConfig, Trainer
-
-    root = tmp_path_factory.mktemp("serve_run")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus = root / "corpus.txt"
-    corpus.write_text((stdlib / "bisect.py").read_text())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    config = TrainConfig(
-        model="tiny",
-        model_args={
+    return train_tiny_run(
+        tmp_path_factory.mktemp("serve_run"),
+        ("bisect.py",),
+        {
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_layers": 1,
@@ -45,28 +36,16 @@ def serve_run(tmp_path_factory) -> Path:
             "num_kv_heads": 1,
             "max_seq_len": 64,
         },
-        fused=False,
-        data=str(corpus),
-        cache_dir=str(root / "cache"),
         tokenizer="byte",
         seq_len=16,
         batch_size=2,
         max_steps=2,
         lr=3e-3,
         warmup_steps=1,
-        precision="fp32",
-        device="cpu",
         eval_every=2,
         eval_batches=1,
         ckpt_every=2,
-        progress=False,
-        out_dir=str(root / "run"),
     )
-    try:
-        Trainer(config).fit()
-    finally:
-        torch.set_num_threads(threads)
-    return root / "run"
 
 
 def free_port() -> int:
